@@ -10,7 +10,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -96,8 +96,9 @@ def import_(
     modality: Annotated[str, typer.Option(help="image, text or audio.")],
     encoder: Annotated[str, typer.Option(help="Name to file the store under and record.")],
     cache: Annotated[Path, typer.Option(help="Cache root.")] = Path("cache"),
-    dataset: Annotated[Optional[str], typer.Option(help="Dataset name (default: manifest stem).")] = None,
-    key: Annotated[Optional[str], typer.Option(
+    dataset: Annotated[str | None, typer.Option(
+        help="Dataset name (default: manifest stem).")] = None,
+    key: Annotated[str | None, typer.Option(
         help="clip-retrieval only: METADATA_COLUMN[=MANIFEST_COLUMN] that matches rows "
              "(default image_path=image or caption=text).")] = None,
     allow_unmatched: Annotated[bool, typer.Option(

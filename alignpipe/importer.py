@@ -129,7 +129,7 @@ class _ClipRetrievalSource(_Source):
         self.file_of = np.full(manifest.rows, -1, dtype=np.int64)
         self.row_of = np.zeros(manifest.rows, dtype=np.int64)
         unmatched = []
-        for i, (k, alt) in enumerate(zip(keys, resolved)):
+        for i, (k, alt) in enumerate(zip(keys, resolved, strict=True)):
             hit = lookup.get(str(k)) or (lookup.get(str(alt)) if alt is not None else None)
             if hit is None:
                 unmatched.append(i)

@@ -24,7 +24,9 @@ from alignpipe.errors import ManifestError, format_rows
 MEDIA_COLUMNS = ("image", "text", "audio")
 PATH_COLUMNS = ("image", "audio")
 SPLITS = ("train", "val", "test")
-SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
+SUFFIXES = {
+    ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
+}
 
 
 def file_sha256(path: Path, block: int = 1 << 20) -> str:

@@ -369,12 +369,18 @@ def staged_store_path(path: str | Path, overwrite: bool = False) -> Iterator[Pat
     path = Path(path)
     if path.exists() and not overwrite:
         raise StoreError(f"{path}: a store already exists here; pass --overwrite to replace it")
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.staging-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
     except BaseException:
         remove_store(tmp)
+        for folder in created:  # innermost first: leave no empty folders we made
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     if path.exists():
         remove_store(path)
