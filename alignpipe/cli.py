@@ -183,16 +183,39 @@ def eval_zeroshot() -> None:
 # SECTION pipelines: owned by the pipeline work.
 @app.command()
 @friendly
-def run() -> None:
+def run(
+    pipeline: Annotated[Path, typer.Argument(help="A pipeline YAML, e.g. pipelines/toy.yaml.")],
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a key of the file: fit.image-text.method=mlp (repeatable)."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(
+        help="Print the plan, marking what the cache already holds; run nothing.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
     """Run a pipeline YAML: embed, fit and eval, reusing whatever the cache holds."""
-    raise AlignpipeError("run is not built yet")
+    from alignpipe.pipeline import run_pipeline
+    from alignpipe.report import results_table
+
+    result = run_pipeline(pipeline, parse_overrides(set_), dry_run=dry_run, progress=progress,
+                          echo=lambda line: console.print(line, markup=False, highlight=False))
+    if dry_run:
+        return
+    if result.evals:
+        console.print(results_table(result))
+    console.print(f"report: {result.report}")
 
 
 @bench_app.command("all")
 @friendly
-def bench_all() -> None:
-    """Every benchmark, one table of ratios."""
-    raise AlignpipeError("bench all is not built yet")
+def bench_all(
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: best).")] = None,
+    quick: Annotated[bool, typer.Option(help="Smaller inputs, for a smoke run.")] = False,
+) -> None:
+    """Every benchmark, one table of ratios measured in one run."""
+    from alignpipe.benchmarks import run_all
+    from alignpipe.report import bench_table
+
+    console.print(bench_table(run_all(device=device, quick=quick)))
 # END SECTION pipelines
 
 

@@ -50,3 +50,30 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def results_table(result) -> Table:
+    """The headline metrics of a pipeline run, as printed at the end of `alignpipe run`."""
+    from alignpipe.pipeline_report import flatten_metrics
+
+    table = Table(title=f"results of {result.name} (percent)", title_justify="left")
+    for column in ("eval", "run", "split", "metric", "value"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for ev in result.evals:
+        for metric, value in flatten_metrics(ev["metrics"]).items():
+            if metric in ("top1", "top5") or "R@" in metric:
+                table.add_row(f"{ev['index']}:{ev['kind']}", ev["run"] or "identity",
+                              ev["split"], metric, f"{value:.2f}")
+    return table
+
+
+def bench_table(rows: list[dict]) -> Table:
+    """Benchmark rows ({bench, name, value, unit}) as one table."""
+    table = Table(title="alignpipe bench", title_justify="left")
+    for column in ("bench", "measure", "value", "unit"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for row in rows:
+        value = row["value"]
+        shown = f"{value:,.2f}" if isinstance(value, float) else str(value)
+        table.add_row(row.get("bench", ""), row["name"], shown, row.get("unit", ""))
+    return table

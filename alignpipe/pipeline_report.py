@@ -1,0 +1,80 @@
+"""The report a pipeline run leaves behind: ``report.md`` plus the plots its steps drew."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from alignpipe.report import markdown_table
+
+
+def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """``{"image_to_text": {"R@1": 5.0}}`` -> ``{"image_to_text.R@1": 5.0}``; numbers only."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            if key in ("per_class", "per_class_accuracy"):
+                continue  # one line per class would drown the table
+            flat.update(flatten_metrics(value, name + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def headline_rows(plan: dict, evals: list[dict]) -> list[list]:
+    """One row per (eval, metric): ours, and the paper's number where the plan gives one."""
+    references = defaultdict(list)
+    for ref in plan.get("reference", []):
+        references[(int(ref.get("eval", -1)), str(ref.get("metric")))].append(ref)
+    rows = []
+    for ev in evals:
+        for metric, value in flatten_metrics(ev["metrics"]).items():
+            if not (metric in ("top1", "top5") or "R@" in metric):
+                continue
+            refs = references.get((ev["index"], metric), [])
+            paper = "; ".join(f"{r['value']} ({r.get('source', '?')})" for r in refs) or "–"
+            rows.append([ev["index"], ev["kind"], ev["run"] or "identity", ev["split"], metric,
+                         value, paper])
+    return rows
+
+
+def write_report(plan: dict, result, wall_s: float) -> Path:
+    folder = Path(result.folder)
+    lines = [f"# Pipeline `{result.name}`", "",
+             f"`alignpipe run {plan.get('_file')}` — finished "
+             f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} in {wall_s:.1f} s.", ""]
+
+    per_stage: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0])
+    for step in result.steps:
+        per_stage[step.stage][0] += step.seconds
+        per_stage[step.stage][1 if step.status == "ran" else 2] += 1
+    lines += ["## Stages", "", markdown_table(
+        ["stage", "ran", "from cache", "wall time (s)"],
+        [[stage, int(ran), int(cached), secs] for stage, (secs, ran, cached)
+         in per_stage.items()]), ""]
+    lines += ["## Steps", "", markdown_table(
+        ["stage", "step", "status", "seconds", "detail"],
+        [[s.stage, s.name, s.status, s.seconds, s.detail] for s in result.steps]), ""]
+
+    rows = headline_rows(plan, result.evals)
+    if rows:
+        lines += ["## Results", "", "Recall and accuracy in percent.", "", markdown_table(
+            ["eval", "kind", "run", "split", "metric", "ours", "paper"], rows), ""]
+    if result.similarity:
+        sim = result.similarity
+        names = [Path(s).name for s in sim.get("stores", [])]
+        for key in ("linear_cka", "mutual_knn"):
+            if key in sim:
+                lines += [f"## {key.replace('_', ' ')}", "", markdown_table(
+                    ["", *names], [[n, *row] for n, row in zip(names, sim[key], strict=False)]),
+                    ""]
+    plots = sorted(folder.rglob("*.png"))
+    if plots:
+        lines += ["## Plots", ""]
+        lines += [f"![{p.relative_to(folder)}]({p.relative_to(folder)})" for p in plots]
+        lines.append("")
+    path = folder / "report.md"
+    path.write_text("\n".join(lines))
+    return path
