@@ -1,0 +1,39 @@
+"""Manifest builders for public dataset layouts, plus the shipped class names and templates.
+
+Every builder reads a dataset as it is downloaded, refuses a malformed layout with a
+ManifestError that names the file and line or entry, checks that media exist (``check``:
+``"error"`` refuses and lists the missing files, ``"skip"`` leaves those rows out and reports how
+many, ``"off"`` trusts the paths), writes rows in a deterministic order, and returns a
+BuildResult. Media cells are relative to the manifest's folder when the file lies inside it,
+absolute otherwise.
+"""
+
+from alignpipe.builders._common import CHECK_POLICIES, BuildResult, CheckPolicy, check_policy
+from alignpipe.builders.audio import build_audiocaps, build_clotho
+from alignpipe.builders.classes import (
+    TEMPLATE_SETS,
+    build_prompts,
+    imagenet_class_names,
+    imagenet_classes,
+    imagenet_wnids,
+    read_class_names,
+    read_templates,
+    templates,
+)
+from alignpipe.builders.folder import build_folder
+from alignpipe.builders.imagenet import build_imagenet, devkit_id_to_wnid
+from alignpipe.builders.karpathy import build_karpathy
+from alignpipe.builders.web import (
+    build_caption_table,
+    build_img2dataset,
+    build_webdataset,
+    expand_braces,
+)
+
+__all__ = [
+    "CHECK_POLICIES", "TEMPLATE_SETS", "BuildResult", "CheckPolicy", "build_audiocaps",
+    "build_caption_table", "build_clotho", "build_folder", "build_imagenet", "build_img2dataset",
+    "build_karpathy", "build_prompts", "build_webdataset", "check_policy", "devkit_id_to_wnid",
+    "expand_braces", "imagenet_class_names", "imagenet_classes", "imagenet_wnids",
+    "read_class_names", "read_templates", "templates",
+]

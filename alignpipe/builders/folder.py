@@ -1,0 +1,93 @@
+"""A plain folder of media files with same-stem ``.txt`` captions (``a/cat.jpg`` + ``a/cat.txt``).
+
+Files are grouped by their path without extension, so ``x.jpg`` + ``x.wav`` + ``x.txt`` is one
+row with image, audio and text. ids are those extension-less relative paths; rows are sorted by
+them. Without any ``.txt`` the manifest has no text column; with some, every media file needs one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from alignpipe.builders._common import (
+    AUDIO_EXTS,
+    IMAGE_EXTS,
+    BuildResult,
+    CheckPolicy,
+    Rows,
+    finish,
+    listing,
+    manifest_dir_of,
+    media_cell,
+    read_text,
+    require_dir,
+)
+from alignpipe.errors import ManifestError
+
+
+def _kind(name: str) -> str | None:
+    ext = os.path.splitext(name)[1].lower()
+    if ext in IMAGE_EXTS:
+        return "image"
+    if ext in AUDIO_EXTS:
+        return "audio"
+    return "text" if ext == ".txt" else None
+
+
+def group_files(root: Path) -> dict[str, dict[str, Path]]:
+    """{relative stem: {"image"|"audio"|"text": path}}; hidden files and folders are ignored."""
+    groups: dict[str, dict[str, Path]] = {}
+    clashes = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            kind = _kind(name)
+            if kind is None or name.startswith("."):
+                continue
+            path = Path(folder, name)
+            key = path.relative_to(root).with_suffix("").as_posix()
+            group = groups.setdefault(key, {})
+            if kind in group:
+                clashes.append(f"{group[kind].name} and {name} in {Path(folder)}")
+            group.setdefault(kind, path)
+    if clashes:
+        raise ManifestError(f"{root}: files of one kind share a stem, so rows would be "
+                            f"ambiguous: {listing(clashes, 5)}")
+    return groups
+
+
+def build_folder(source: str | Path, out: str | Path, label_from_folder: bool = False,
+                 split: str | None = None, skip_incomplete: bool = False,
+                 check: CheckPolicy = "error") -> BuildResult:
+    """Manifest of every image/audio file under `source`, captioned by same-stem .txt files."""
+    root = require_dir(Path(source), "media folder")
+    groups = {k: g for k, g in sorted(group_files(root).items()) if "image" in g or "audio" in g}
+    if not groups:
+        raise ManifestError(f"{root}: no image or audio files (by extension) under this folder")
+    kinds = {kind for g in groups.values() for kind in g}
+    columns = ["id", *[k for k in ("image", "audio", "text") if k in kinds]]
+    if label_from_folder:
+        unlabelled = [k for k in groups if "/" not in k]
+        if unlabelled:
+            raise ManifestError(f"{root}: --label-from-folder needs every file in a class "
+                                f"subfolder; these are not: {listing(unlabelled)}")
+        columns.append("label")
+    columns += ["split"] if split else []
+    rows = Rows(columns)
+    manifest_dir = manifest_dir_of(out)
+    uncaptioned = []
+    for key, group in groups.items():
+        text = read_text(group["text"], "caption").strip() if "text" in group else None
+        if "text" in kinds and not text:
+            uncaptioned.append(key)
+            continue
+        media = {k: media_cell(group[k], manifest_dir) for k in ("image", "audio") if k in group}
+        rows.add(id=key, text=text, split=split,
+                 label=key.rsplit("/", 1)[0] if label_from_folder else None, **media)
+    if uncaptioned and not skip_incomplete:
+        raise ManifestError(f"{root}: {len(uncaptioned)} media file(s) have no (or an empty) "
+                            f"same-stem .txt caption: {listing(uncaptioned)}. Pass "
+                            "--skip-incomplete to leave them out.")
+    return finish(rows, out, check, str(root), {"media files without a caption":
+                                                len(uncaptioned)})

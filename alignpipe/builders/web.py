@@ -1,0 +1,273 @@
+"""Web-scale image–text pairs (CC3M, CC12M, anything img2dataset downloads), in three layouts:
+
+- a TSV/CSV with a header naming a caption column and an image-path column (open_clip's
+  ``--csv-img-key filepath --csv-caption-key title`` format and most download reports);
+- img2dataset's ``files`` output: ``00000/000000000.jpg`` + ``.txt`` (+ ``.json``), with the
+  per-shard ``00000.parquet`` used for captions when present (one read instead of a file per row);
+- img2dataset's ``webdataset`` output: tar shards read once each, sequentially, in streaming mode;
+  image cells are ``shard.tar::member.jpg`` and a tar's rows are contiguous, in member order.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import sys
+import tarfile
+import zlib
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from alignpipe.builders._common import (
+    IMAGE_EXTS,
+    BuildResult,
+    CheckPolicy,
+    Rows,
+    archive_cell,
+    finish,
+    has_ext,
+    listing,
+    manifest_dir_of,
+    media_cell,
+    read_text,
+    require_dir,
+)
+from alignpipe.errors import ManifestError
+
+CAPTION_COLUMNS = ("caption", "title", "text", "TEXT")
+PATH_COLUMNS = ("filepath", "image", "image_path", "path", "file", "filename")
+BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+# ---- TSV / CSV ---------------------------------------------------------------------------------
+def _pick_column(header: list[str], given: str | None, candidates: tuple[str, ...], what: str,
+                 where: Path) -> int:
+    if given is not None:
+        if given not in header:
+            raise ManifestError(f"{where}: no {what} column {given!r} (columns: "
+                                f"{', '.join(header)})")
+        return header.index(given)
+    for name in candidates:
+        if name in header:
+            return header.index(name)
+    raise ManifestError(f"{where}: cannot tell which column holds the {what} (columns: "
+                        f"{', '.join(header)}); name it with --{what}-column")
+
+
+def _csv_rows(path: Path):
+    """(line number, fields) of a TSV (no quoting, as CC3M's files are) or a quoted CSV."""
+    handle = open(path, newline="", encoding="utf-8-sig")
+    reader = None
+    try:
+        if path.suffix.lower() == ".csv":
+            reader = csv.reader(handle)
+        else:
+            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+        for fields in reader:
+            yield reader.line_num, fields
+    except (csv.Error, UnicodeDecodeError) as err:
+        line = reader.line_num + 1 if reader is not None else 1
+        raise ManifestError(f"{path}: unreadable near line {line}: {err}") from None
+    finally:
+        handle.close()
+
+
+def build_caption_table(source: str | Path, out: str | Path, caption_column: str | None = None,
+                        path_column: str | None = None, id_column: str | None = None,
+                        images: str | Path | None = None, split: str = "train",
+                        skip_incomplete: bool = False, check: CheckPolicy = "error",
+                        ) -> BuildResult:
+    """Manifest from a TSV/CSV of downloaded files; paths relative to `images` or the file."""
+    source = Path(source)
+    if not source.is_file():
+        raise ManifestError(f"{source}: caption table not found")
+    lines = _csv_rows(source)
+    try:
+        _, header = next(lines)
+    except StopIteration:
+        raise ManifestError(f"{source}: file is empty") from None
+    header = [h.strip() for h in header]
+    cap = _pick_column(header, caption_column, CAPTION_COLUMNS, "caption", source)
+    pth = _pick_column(header, path_column, PATH_COLUMNS, "path", source)
+    key = _pick_column(header, id_column, (), "id", source) if id_column else None
+    status = header.index("status") if "status" in header else None
+    root = Path(images) if images is not None else source.parent
+    rows = Rows(["id", "image", "text", "split"])
+    manifest_dir = manifest_dir_of(out)
+    incomplete, failed = [], 0
+    for index, (number, fields) in enumerate(lines):
+        if status is not None and _field(fields, status) not in ("", "success"):
+            failed += 1  # img2dataset keeps failed downloads in its table with their status
+            continue
+        text, file = _field(fields, cap), _field(fields, pth)
+        if not text or not file:
+            incomplete.append(f"line {number}")
+            continue
+        rows.add(id=_field(fields, key) if key is not None else f"{index:09d}",
+                 image=media_cell(root / file, manifest_dir), text=text, split=split)
+    _refuse_incomplete(incomplete, skip_incomplete, f"{source}: rows with an empty caption or "
+                       "path")
+    skipped = {"failed downloads": failed, "rows with an empty caption or path": len(incomplete)}
+    return finish(rows, out, check, f"{source} (images under {root})", skipped)
+
+
+def _field(fields: list[str], i: int) -> str:
+    return fields[i].strip() if i < len(fields) else ""
+
+
+def _refuse_incomplete(found: list[str], skip: bool, what: str) -> None:
+    if found and not skip:
+        raise ManifestError(f"{what}: {len(found)} found: {listing(found)}. Pass "
+                            "--skip-incomplete to leave them out.")
+
+
+# ---- img2dataset "files" folder ----------------------------------------------------------------
+def _shard_captions(parquet: Path) -> dict[str, str]:
+    """key -> caption from img2dataset's per-shard parquet, or {} if it is absent or unusual."""
+    if not parquet.is_file():
+        return {}
+    try:
+        table = pq.read_table(parquet, columns=["key", "caption"])
+    except Exception:  # noqa: BLE001 - any unreadable parquet just means: read the .txt files
+        return {}
+    return {str(k): c for k, c in zip(table.column("key").to_pylist(),
+                                      table.column("caption").to_pylist(), strict=True) if c}
+
+
+def _sidecar_caption(folder: Path, stem: str, names: set[str]) -> str | None:
+    if f"{stem}.txt" in names:
+        return read_text(folder / f"{stem}.txt", "caption file").strip() or None
+    if f"{stem}.json" in names:
+        try:
+            caption = json.loads(read_text(folder / f"{stem}.json", "metadata")).get("caption")
+        except (json.JSONDecodeError, AttributeError):
+            return None
+        return caption.strip() if isinstance(caption, str) and caption.strip() else None
+    return None
+
+
+def build_img2dataset(source: str | Path, out: str | Path, split: str = "train",
+                      skip_incomplete: bool = False, check: CheckPolicy = "error") -> BuildResult:
+    """Manifest from img2dataset's files layout; rows by shard folder, then by key."""
+    source = require_dir(Path(source), "img2dataset output folder")
+    shards = sorted((p for p in source.iterdir() if p.is_dir() and p.name.isdigit()),
+                    key=lambda p: (int(p.name), p.name))
+    if not shards:
+        hint = " (it holds .tar shards: use `alignpipe manifest webdataset`)" \
+            if any(source.glob("*.tar")) else ""
+        raise ManifestError(f"{source}: no numbered shard folders (00000/, 00001/, ...) as "
+                            f"img2dataset writes them{hint}")
+    rows = Rows(["id", "image", "text", "split"])
+    manifest_dir = manifest_dir_of(out)
+    incomplete: list[str] = []
+    for shard in shards:
+        names = set(os.listdir(shard))
+        captions = _shard_captions(source / f"{shard.name}.parquet")
+        for name in sorted(n for n in names if has_ext(n, IMAGE_EXTS)):
+            stem = os.path.splitext(name)[0]
+            text = captions.get(stem) or _sidecar_caption(shard, stem, names)
+            if text is None:
+                incomplete.append(f"{shard.name}/{name}")
+                continue
+            rows.add(id=stem, image=media_cell(shard / name, manifest_dir), text=text.strip(),
+                     split=split)
+    _refuse_incomplete(incomplete, skip_incomplete, f"{source}: images with no caption (.txt, "
+                       ".json or shard parquet)")
+    return finish(rows, out, check, str(source), {"images with no caption": len(incomplete)})
+
+
+# ---- webdataset tars ---------------------------------------------------------------------------
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style brace expansion: ``{00000..00099}`` (zero-padded ranges) and ``{a,b}``."""
+    match = BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    head, tail, body = pattern[:match.start()], pattern[match.end():], match.group(1)
+    span = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if span:
+        lo, hi = span.groups()
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        raise ManifestError(f"{pattern}: cannot expand {{{body}}}; use {{00000..00099}} or {{a,b}}")
+    return [out for option in options for out in expand_braces(head + option + tail)]
+
+
+def shard_paths(spec: str | Path, check: CheckPolicy) -> tuple[list[Path], int]:
+    """Tars named by a brace pattern, a folder (its *.tar, sorted) or one file; + missing count."""
+    text = str(spec)
+    if BRACE.search(text):
+        paths = [Path(p) for p in expand_braces(text)]
+    elif Path(text).is_dir():
+        paths = sorted(Path(text).glob("*.tar"))
+        if not paths:
+            raise ManifestError(f"{text}: no .tar shards in this folder")
+    else:
+        paths = [Path(text)]
+    missing = [p for p in paths if not p.is_file()]
+    if missing and check != "skip":
+        raise ManifestError(f"{text}: {len(missing)} of {len(paths)} shard(s) missing: "
+                            f"{listing([str(p) for p in missing])}. Tars must exist to list their "
+                            "members; pass --skip-missing to leave missing shards out")
+    return [p for p in paths if p.is_file()], len(missing)
+
+
+def _sample_key(member: str) -> tuple[str, str]:
+    """webdataset's convention: the key is the path up to the first dot of the basename."""
+    folder, base = os.path.split(member)
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def read_shard(tar: Path) -> list[tuple[str, str | None, str | None]]:
+    """(key, image member, caption) per sample, in member order, reading the tar once."""
+    samples: dict[str, list] = {}
+    try:
+        with tarfile.open(tar, mode="r|*") as stream:
+            for member in stream:
+                if not member.isfile():
+                    continue
+                key, ext = _sample_key(member.name)
+                sample = samples.setdefault(key, [key, None, None])
+                if sample[1] is None and f".{ext}" in IMAGE_EXTS:
+                    sample[1] = member.name
+                elif ext == "txt":
+                    sample[2] = stream.extractfile(member).read().decode("utf-8").strip()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+        raise ManifestError(f"{tar}: unreadable tar shard ({err})") from None
+    except UnicodeDecodeError:
+        raise ManifestError(f"{tar}: a .txt member is not UTF-8") from None
+    return [tuple(s) for s in samples.values()]  # type: ignore[misc]
+
+
+def build_webdataset(shards: str | Path, out: str | Path, split: str = "train",
+                     skip_incomplete: bool = False, check: CheckPolicy = "error") -> BuildResult:
+    """Manifest from webdataset tars: image ``shard.tar::member``, text from the .txt member."""
+    tars, missing = shard_paths(shards, check)
+    if not tars:
+        raise ManifestError(f"{shards}: no tar shards to read")
+    rows = Rows(["id", "image", "text", "split"])
+    manifest_dir = manifest_dir_of(out)
+    incomplete: list[str] = []
+    first_tar: dict[str, Path] = {}
+    for tar in tars:
+        for key, image, text in read_shard(tar):
+            if image is None or not text:
+                incomplete.append(f"{tar.name}:{key}")
+                continue
+            if key in first_tar:
+                raise ManifestError(f"sample key {key!r} appears in both {first_tar[key]} and "
+                                    f"{tar}; ids must be unique across shards")
+            first_tar[key] = tar
+            rows.add(id=key, image=archive_cell(tar, image, manifest_dir), text=text, split=split)
+    _refuse_incomplete(incomplete, skip_incomplete, f"{shards}: samples without an image or a "
+                       ".txt caption")
+    skipped = {"missing shards": missing, "samples without image or caption": len(incomplete)}
+    return finish(rows, out, check, str(shards), skipped)
