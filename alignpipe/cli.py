@@ -220,6 +220,211 @@ def bench_all(
 
 
 # SECTION manifest-builders: owned by the dataset-builder work.
+OutManifestArg = Annotated[Path, typer.Argument(help="Manifest to write (.parquet).")]
+CheckFilesOpt = Annotated[bool, typer.Option(
+    "--check-files/--no-check-files",
+    help="Verify media files exist; missing ones are reported by name and count.")]
+SkipMissingOpt = Annotated[bool, typer.Option(
+    help="Leave rows with missing media out (and report how many) instead of refusing.")]
+SkipIncompleteOpt = Annotated[bool, typer.Option(
+    help="Leave samples without a caption (or image) out instead of refusing.")]
+BuildSplitOpt = Annotated[str, typer.Option(help="Split for every row: train, val or test.")]
+
+
+def _print_built(result) -> None:
+    console.print(result.summary(), markup=False, highlight=False)
+
+
+@manifest_app.command("imagenet")
+@friendly
+def manifest_imagenet(
+    source: Annotated[Path, typer.Argument(
+        help="val/ with class subfolders (n01440764/...), or a flat folder with --labels.")],
+    out: OutManifestArg,
+    labels: Annotated[Path | None, typer.Option(
+        help="Flat folder only: the devkit's ILSVRC2012_validation_ground_truth.txt, or "
+             "'filename<TAB|,|space>label' lines (label = wnid or 0-based sorted-wnid "
+             "index).")] = None,
+    devkit_meta: Annotated[Path | None, typer.Option(
+        help="The devkit's data/meta.mat (default: next to --labels), mapping its 1-based "
+             "ILSVRC2012_IDs to wnids.")] = None,
+    check_files: CheckFilesOpt = True,
+    skip_missing: SkipMissingOpt = False,
+) -> None:
+    """ImageNet val: id, image, label (CLIP class name), wnid, split=test."""
+    from alignpipe.builders import build_imagenet, check_policy
+
+    _print_built(build_imagenet(source, out, labels=labels, devkit_meta=devkit_meta,
+                                check=check_policy(check_files, skip_missing)))
+
+
+@manifest_app.command("prompts")
+@friendly
+def manifest_prompts(
+    out: OutManifestArg,
+    classes: Annotated[str, typer.Option(
+        help="'imagenet' (CLIP's 1000 names) or a file with one class name per line.")
+    ] = "imagenet",
+    templates: Annotated[str, typer.Option(
+        help="clip80, asif7, photo, or a file with one template per line ('{}' = class).")
+    ] = "clip80",
+) -> None:
+    """Zero-shot prompts: one row (id, text, label) per class × template."""
+    from alignpipe.builders import build_prompts
+
+    _print_built(build_prompts(out, classes=classes, template_set=templates))
+
+
+def _karpathy_cli(dataset: str, source: Path, out: Path, images: Path | None,
+                  captions_per_image: int, check_files: bool, skip_missing: bool) -> None:
+    from alignpipe.builders import build_karpathy, check_policy
+
+    _print_built(build_karpathy(source, out, dataset, images=images,
+                                captions_per_image=captions_per_image,
+                                check=check_policy(check_files, skip_missing)))
+
+
+KarpathyImagesOpt = Annotated[Path | None, typer.Option(
+    help="Image root (default: the JSON's folder).")]
+CaptionsPerImageOpt = Annotated[int, typer.Option(help="Captions kept per image, in file order.")]
+
+
+@manifest_app.command("coco")
+@friendly
+def manifest_coco(
+    source: Annotated[Path, typer.Argument(help="Karpathy's dataset_coco.json.")],
+    out: OutManifestArg,
+    images: KarpathyImagesOpt = None,
+    captions_per_image: CaptionsPerImageOpt = 5,
+    check_files: CheckFilesOpt = True,
+    skip_missing: SkipMissingOpt = False,
+) -> None:
+    """COCO Karpathy splits: 5 rows per image at IMAGES/filepath/filename; restval -> train."""
+    _karpathy_cli("coco", source, out, images, captions_per_image, check_files, skip_missing)
+
+
+@manifest_app.command("flickr30k")
+@friendly
+def manifest_flickr30k(
+    source: Annotated[Path, typer.Argument(help="Karpathy's dataset_flickr30k.json.")],
+    out: OutManifestArg,
+    images: KarpathyImagesOpt = None,
+    captions_per_image: CaptionsPerImageOpt = 5,
+    check_files: CheckFilesOpt = True,
+    skip_missing: SkipMissingOpt = False,
+) -> None:
+    """Flickr30K Karpathy splits: 5 rows per image at IMAGES/filename."""
+    _karpathy_cli("flickr30k", source, out, images, captions_per_image, check_files, skip_missing)
+
+
+@manifest_app.command("cc3m")
+@friendly
+def manifest_cc3m(
+    source: Annotated[Path, typer.Argument(
+        help="A TSV/CSV with a header (caption + image path columns), or img2dataset's output "
+             "folder (00000/000000000.jpg + .txt).")],
+    out: OutManifestArg,
+    caption_column: Annotated[str | None, typer.Option(
+        help="TSV: caption column (default: caption, title or text).")] = None,
+    path_column: Annotated[str | None, typer.Option(
+        help="TSV: image path column (default: filepath, image, image_path, path, file, "
+             "filename).")] = None,
+    id_column: Annotated[str | None, typer.Option(
+        help="TSV: id column (default: the 0-based data row, 9 digits).")] = None,
+    images: Annotated[Path | None, typer.Option(
+        help="TSV: folder the paths are relative to (default: the TSV's folder).")] = None,
+    split: BuildSplitOpt = "train",
+    skip_incomplete: SkipIncompleteOpt = False,
+    check_files: CheckFilesOpt = True,
+    skip_missing: SkipMissingOpt = False,
+) -> None:
+    """CC3M / CC12M (or any downloaded image-caption table): id, image, text, split."""
+    from alignpipe.builders import build_cc3m, check_policy
+
+    _print_built(build_cc3m(source, out, caption_column=caption_column, path_column=path_column,
+                            id_column=id_column, images=images, split=split,
+                            skip_incomplete=skip_incomplete,
+                            check=check_policy(check_files, skip_missing)))
+
+
+@manifest_app.command("webdataset")
+@friendly
+def manifest_webdataset(
+    shards: Annotated[str, typer.Argument(
+        help="'DIR/{00000..00099}.tar' (quote it), a folder of .tar, or one .tar.")],
+    out: OutManifestArg,
+    split: BuildSplitOpt = "train",
+    skip_incomplete: SkipIncompleteOpt = False,
+    check_files: CheckFilesOpt = True,
+    skip_missing: SkipMissingOpt = False,
+) -> None:
+    """img2dataset tar shards, each read once: image 'shard.tar::key.jpg', text from key.txt."""
+    from alignpipe.builders import build_webdataset, check_policy
+
+    _print_built(build_webdataset(shards, out, split=split, skip_incomplete=skip_incomplete,
+                                  check=check_policy(check_files, skip_missing)))
+
+
+AudioRootOpt = Annotated[Path | None, typer.Option(
+    help="Folder holding the audio files, searched recursively (default: SOURCE's folder).")]
+
+
+@manifest_app.command("audiocaps")
+@friendly
+def manifest_audiocaps(
+    source: Annotated[Path, typer.Argument(
+        help="Folder with train.csv/val.csv/test.csv, or one of them.")],
+    out: OutManifestArg,
+    audio: AudioRootOpt = None,
+    naming: Annotated[str, typer.Option(
+        help="How clips are named: auto, youtube_id (also Y<id>, <id>_<start>) or "
+             "audiocap_id.")] = "auto",
+    check_files: CheckFilesOpt = True,
+    skip_missing: SkipMissingOpt = False,
+) -> None:
+    """AudioCaps: one row per caption (id = audiocap_id), split from the CSV's name."""
+    from alignpipe.builders import build_audiocaps, check_policy
+
+    _print_built(build_audiocaps(source, out, audio=audio, naming=naming,
+                                 check=check_policy(check_files, skip_missing)))
+
+
+@manifest_app.command("clotho")
+@friendly
+def manifest_clotho(
+    source: Annotated[Path, typer.Argument(
+        help="Folder with clotho_captions_{development,validation,evaluation}.csv, or one.")],
+    out: OutManifestArg,
+    audio: AudioRootOpt = None,
+    check_files: CheckFilesOpt = True,
+    skip_missing: SkipMissingOpt = False,
+) -> None:
+    """Clotho: 5 rows per clip; development/validation/evaluation -> train/val/test."""
+    from alignpipe.builders import build_clotho, check_policy
+
+    _print_built(build_clotho(source, out, audio=audio,
+                              check=check_policy(check_files, skip_missing)))
+
+
+@manifest_app.command("folder")
+@friendly
+def manifest_folder(
+    source: Annotated[Path, typer.Argument(help="A folder of images and/or audio files.")],
+    out: OutManifestArg,
+    label_from_folder: Annotated[bool, typer.Option(
+        help="Use each file's parent folder (relative to SOURCE) as its label.")] = False,
+    split: Annotated[str | None, typer.Option(
+        help="Split for every row (default: no split column).")] = None,
+    skip_incomplete: SkipIncompleteOpt = False,
+    check_files: CheckFilesOpt = True,
+    skip_missing: SkipMissingOpt = False,
+) -> None:
+    """Media files with same-stem .txt captions: x.jpg (+ x.wav) + x.txt -> one row."""
+    from alignpipe.builders import build_folder, check_policy
+
+    _print_built(build_folder(source, out, label_from_folder=label_from_folder, split=split,
+                              skip_incomplete=skip_incomplete,
+                              check=check_policy(check_files, skip_missing)))
 # END SECTION manifest-builders
 
 

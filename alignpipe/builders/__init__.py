@@ -25,6 +25,7 @@ from alignpipe.builders.imagenet import build_imagenet, devkit_id_to_wnid
 from alignpipe.builders.karpathy import build_karpathy
 from alignpipe.builders.web import (
     build_caption_table,
+    build_cc3m,
     build_img2dataset,
     build_webdataset,
     expand_braces,
@@ -32,8 +33,8 @@ from alignpipe.builders.web import (
 
 __all__ = [
     "CHECK_POLICIES", "TEMPLATE_SETS", "BuildResult", "CheckPolicy", "build_audiocaps",
-    "build_caption_table", "build_clotho", "build_folder", "build_imagenet", "build_img2dataset",
-    "build_karpathy", "build_prompts", "build_webdataset", "check_policy", "devkit_id_to_wnid",
-    "expand_braces", "imagenet_class_names", "imagenet_classes", "imagenet_wnids",
-    "read_class_names", "read_templates", "templates",
+    "build_caption_table", "build_cc3m", "build_clotho", "build_folder", "build_imagenet",
+    "build_img2dataset", "build_karpathy", "build_prompts", "build_webdataset", "check_policy",
+    "devkit_id_to_wnid", "expand_braces", "imagenet_class_names", "imagenet_classes",
+    "imagenet_wnids", "read_class_names", "read_templates", "templates",
 ]

@@ -18,7 +18,7 @@ from typing import Literal
 import pyarrow as pa
 
 from alignpipe.errors import ManifestError
-from alignpipe.manifest import PATH_COLUMNS, validate, write_manifest
+from alignpipe.manifest import PATH_COLUMNS, SPLITS, validate, write_manifest
 
 CheckPolicy = Literal["error", "skip", "off"]
 CHECK_POLICIES: tuple[str, ...] = ("error", "skip", "off")
@@ -187,6 +187,11 @@ def read_text(path: Path, what: str) -> str:
     except UnicodeDecodeError as err:
         raise ManifestError(f"{path}: {what} is not UTF-8 text ({err.reason} at byte "
                             f"{err.start})") from None
+
+
+def require_split(split: str | None) -> None:
+    if split is not None and split not in SPLITS:
+        raise ManifestError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
 
 
 def require_dir(path: Path, what: str) -> Path:

@@ -22,6 +22,7 @@ from alignpipe.builders._common import (
     media_cell,
     read_text,
     require_dir,
+    require_split,
 )
 from alignpipe.errors import ManifestError
 
@@ -61,6 +62,7 @@ def build_folder(source: str | Path, out: str | Path, label_from_folder: bool = 
                  split: str | None = None, skip_incomplete: bool = False,
                  check: CheckPolicy = "error") -> BuildResult:
     """Manifest of every image/audio file under `source`, captioned by same-stem .txt files."""
+    require_split(split)
     root = require_dir(Path(source), "media folder")
     groups = {k: g for k, g in sorted(group_files(root).items()) if "image" in g or "audio" in g}
     if not groups:

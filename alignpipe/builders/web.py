@@ -34,6 +34,7 @@ from alignpipe.builders._common import (
     media_cell,
     read_text,
     require_dir,
+    require_split,
 )
 from alignpipe.errors import ManifestError
 
@@ -83,6 +84,7 @@ def build_caption_table(source: str | Path, out: str | Path, caption_column: str
                         ) -> BuildResult:
     """Manifest from a TSV/CSV of downloaded files; paths relative to `images` or the file."""
     source = Path(source)
+    require_split(split)
     if not source.is_file():
         raise ManifestError(f"{source}: caption table not found")
     lines = _csv_rows(source)
@@ -153,6 +155,7 @@ def _sidecar_caption(folder: Path, stem: str, names: set[str]) -> str | None:
 def build_img2dataset(source: str | Path, out: str | Path, split: str = "train",
                       skip_incomplete: bool = False, check: CheckPolicy = "error") -> BuildResult:
     """Manifest from img2dataset's files layout; rows by shard folder, then by key."""
+    require_split(split)
     source = require_dir(Path(source), "img2dataset output folder")
     shards = sorted((p for p in source.iterdir() if p.is_dir() and p.name.isdigit()),
                     key=lambda p: (int(p.name), p.name))
@@ -250,6 +253,7 @@ def read_shard(tar: Path) -> list[tuple[str, str | None, str | None]]:
 def build_webdataset(shards: str | Path, out: str | Path, split: str = "train",
                      skip_incomplete: bool = False, check: CheckPolicy = "error") -> BuildResult:
     """Manifest from webdataset tars: image ``shard.tar::member``, text from the .txt member."""
+    require_split(split)
     tars, missing = shard_paths(shards, check)
     if not tars:
         raise ManifestError(f"{shards}: no tar shards to read")
@@ -271,3 +275,17 @@ def build_webdataset(shards: str | Path, out: str | Path, split: str = "train",
                        ".txt caption")
     skipped = {"missing shards": missing, "samples without image or caption": len(incomplete)}
     return finish(rows, out, check, str(shards), skipped)
+
+
+def build_cc3m(source: str | Path, out: str | Path, caption_column: str | None = None,
+               path_column: str | None = None, id_column: str | None = None,
+               images: str | Path | None = None, split: str = "train",
+               skip_incomplete: bool = False, check: CheckPolicy = "error") -> BuildResult:
+    """CC3M/CC12M: a TSV/CSV file of downloaded files, or an img2dataset files folder."""
+    if Path(source).is_dir():
+        if caption_column or path_column or id_column or images:
+            raise ManifestError(f"{source}: is an img2dataset folder; the column and --images "
+                                "options only apply to a TSV/CSV source")
+        return build_img2dataset(source, out, split, skip_incomplete, check)
+    return build_caption_table(source, out, caption_column, path_column, id_column, images,
+                               split, skip_incomplete, check)
