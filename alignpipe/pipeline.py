@@ -74,7 +74,7 @@ class PipelineResult:
 
 
 # ---- loading ------------------------------------------------------------------------------------
-def _interpolate(value, missing: set[str]):
+def _interpolate(value):
     if isinstance(value, str):
         def sub(match: re.Match) -> str:
             name, default = match.group(1), match.group(2)
@@ -82,14 +82,13 @@ def _interpolate(value, missing: set[str]):
                 return os.environ[name]
             if default is not None:
                 return default
-            missing.add(name)
-            return match.group(0)
+            return match.group(0)  # left in place; reported only where a step needs it
 
         return ENV_PATTERN.sub(sub, value)
     if isinstance(value, dict):
-        return {k: _interpolate(v, missing) for k, v in value.items()}
+        return {k: _interpolate(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v, missing) for v in value]
+        return [_interpolate(v) for v in value]
     return value
 
 
@@ -113,11 +112,8 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
             node = node[key]
 
 
-def load_pipeline(path: str | Path, overrides: dict[str, str] | None = None) -> tuple[dict, set]:
-    """Read a pipeline file, apply ``--set`` overrides, fill ``${VAR}``.
-
-    Returns the resolved plan and the set of environment variables it needs but lacks.
-    """
+def load_pipeline(path: str | Path, overrides: dict[str, str] | None = None) -> dict:
+    """Read a pipeline file, apply ``--set`` overrides, fill ``${VAR}`` where it is set."""
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"{path}: pipeline file not found")
@@ -134,8 +130,7 @@ def load_pipeline(path: str | Path, overrides: dict[str, str] | None = None) -> 
                             f"{', '.join(SECTIONS)}")
     for key, raw in (overrides or {}).items():
         _set_dotted(plan, key, yaml.safe_load(raw) if raw != "" else "")
-    missing: set[str] = set()
-    plan = _interpolate(plan, missing)
+    plan = _interpolate(plan)
     plan.setdefault("name", path.stem)
     plan.setdefault("cache", "cache")
     plan.setdefault("runs", "runs")
@@ -146,7 +141,7 @@ def load_pipeline(path: str | Path, overrides: dict[str, str] | None = None) -> 
     plan["eval"] = plan.get("eval") or []
     plan["reference"] = plan.get("reference") or []
     plan["_file"] = str(path)
-    return plan, missing
+    return plan
 
 
 # ---- checking -----------------------------------------------------------------------------------
@@ -206,27 +201,51 @@ def check_plan(plan: dict) -> list[str]:
     return problems
 
 
-def _missing_inputs(plan: dict, missing_env: set[str]) -> list[str]:
-    """Inputs absent on this machine: unset variables, manifests that cannot be made, weights."""
+def _unset(value) -> set[str]:
+    """Environment variables still written as ``${VAR}`` anywhere inside `value`."""
+    if isinstance(value, str):
+        return {m.group(1) for m in ENV_PATTERN.finditer(value)}
+    if isinstance(value, dict):
+        return set().union(set(), *(_unset(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(set(), *(_unset(v) for v in value))
+    return set()
+
+
+def _missing_inputs(plan: dict) -> list[str]:
+    """Inputs this run needs and this machine lacks: unset variables, data, weights.
+
+    A variable counts only where a step needs it: the source of a manifest that already exists
+    does not matter.
+    """
     from alignpipe.planning import make_source_problems, weights_problems
 
-    lines = []
     hints = plan.get("inputs", {})
-    for name in sorted(missing_env):
-        hint = hints.get(name, "")
-        lines.append(f"${name} is not set" + (f": {hint}" if hint else ""))
+    unset: set[str] = set()
+    lines = []
     used = {step["data"] for step in plan["embed"].values()}
     for sid in sorted(used):
         step = plan["data"][sid]
+        if _unset(step["manifest"]):
+            unset |= _unset(step["manifest"])
+            continue
         if Path(step["manifest"]).exists():
             continue
         if not step.get("make"):
             lines.append(f"data.{sid}: manifest {step['manifest']} does not exist and the "
                          f"pipeline says nothing about making it")
-            continue
-        lines.extend(f"data.{sid}: {p}" for p in make_source_problems(step["make"]))
+        elif _unset(step["make"]):
+            unset |= _unset(step["make"])
+        else:
+            lines.extend(f"data.{sid}: {p}" for p in make_source_problems(step["make"]))
     for sid, step in plan["embed"].items():
-        lines.extend(f"embed.{sid}: {p}" for p in weights_problems(step))
+        if _unset(step):
+            unset |= _unset(step)
+        else:
+            lines.extend(f"embed.{sid}: {p}" for p in weights_problems(step))
+    for name in sorted(unset, reverse=True):
+        hint = hints.get(name, "")
+        lines.insert(0, f"${name} is not set" + (f": {hint}" if hint else ""))
     return lines
 
 
@@ -392,12 +411,12 @@ class Runner:
 def run_pipeline(path: str | Path, overrides: dict[str, str] | None = None,
                  dry_run: bool = False, progress: bool = True, echo=print) -> PipelineResult:
     """Check everything, then make data, embed, fit, eval and report; reuse what is cached."""
-    plan, missing_env = load_pipeline(path, overrides)
+    plan = load_pipeline(path, overrides)
     problems = check_plan(plan)
     if problems:
         raise PipelineError(f"{path}: the pipeline has {len(problems)} problem(s):\n  - "
                             + "\n  - ".join(problems))
-    missing = _missing_inputs(plan, missing_env)
+    missing = _missing_inputs(plan)
     if missing and not dry_run:
         raise PipelineError(
             f"{path}: nothing was run because {len(missing)} input(s) are missing:\n  - "
