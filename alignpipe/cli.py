@@ -232,7 +232,7 @@ BuildSplitOpt = Annotated[str, typer.Option(help="Split for every row: train, va
 
 
 def _print_built(result) -> None:
-    console.print(result.summary(), markup=False, highlight=False)
+    console.print(result.summary(), markup=False, highlight=False, soft_wrap=True)
 
 
 @manifest_app.command("imagenet")

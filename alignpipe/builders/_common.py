@@ -28,9 +28,9 @@ AUDIO_EXTS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac"
 SHOWN = 10  # how many offending names a message lists before "(and N more)"
 
 
-def listing(items: Sequence[str], limit: int = SHOWN) -> str:
+def listing(items: Sequence[str], limit: int = SHOWN, sep: str = ", ") -> str:
     """``a, b, c (and 40 more)``: enough names to find the problem without flooding the terminal."""
-    shown = ", ".join(str(i) for i in items[:limit])
+    shown = sep.join(str(i) for i in items[:limit])
     rest = len(items) - limit
     return f"{shown} (and {rest} more)" if rest > 0 else shown
 

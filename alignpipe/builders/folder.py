@@ -54,7 +54,7 @@ def group_files(root: Path) -> dict[str, dict[str, Path]]:
             group.setdefault(kind, path)
     if clashes:
         raise ManifestError(f"{root}: files of one kind share a stem, so rows would be "
-                            f"ambiguous: {listing(clashes, 5)}")
+                            f"ambiguous: {listing(clashes, 5, '; ')}")
     return groups
 
 

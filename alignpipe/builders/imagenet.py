@@ -102,7 +102,7 @@ def _refuse_repeated_stems(items: list[tuple[Path, str]]) -> None:
         seen.setdefault(path.stem, path)
     if clashes:
         raise ManifestError(f"the same file name appears in several class folders, so ids would "
-                            f"repeat: {listing(clashes, 5)}")
+                            f"repeat: {listing(clashes, 5, '; ')}")
 
 
 def _labelled_items(folder: Path, labels: Path, devkit_meta: str | Path | None,

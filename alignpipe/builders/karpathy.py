@@ -96,7 +96,7 @@ def build_karpathy(source: str | Path, out: str | Path, dataset: str,
             problems.append(f"images[{i}] ({name}) {problem}")
     if problems:
         raise ManifestError(f"{source}: {len(problems)} malformed image entr"
-                            f"{'y' if len(problems) == 1 else 'ies'}: {listing(problems, 5)}")
+                            f"{'y' if len(problems) == 1 else 'ies'}: {listing(problems, 5, '; ')}")
     root = Path(images) if images is not None else source.parent
     rows = Rows(["id", "image", "text", "split"])
     manifest_dir = manifest_dir_of(out)
