@@ -403,7 +403,7 @@ def test_webdataset_streams_each_tar_once(shards, tmp_path, monkeypatch):
     monkeypatch.setattr(tarfile, "open", spy)
     out = tmp_path / "wds.parquet"
     m = read_manifest(build_webdataset(f"{shards}/{{00000..00001}}.tar", out).path)
-    assert opened == [("00000.tar", "r|*"), ("00001.tar", "r|*")]
+    assert opened == [("00000.tar", "r|"), ("00001.tar", "r|")]
     assert m.ids == ["000000000", "000000001", "000010000"]
     assert m.column("image") == ["wds/00000.tar::000000000.jpg", "wds/00000.tar::000000001.jpg",
                                  "wds/00001.tar::000010000.jpg"]
@@ -429,6 +429,11 @@ def test_webdataset_errors(shards, tmp_path):
     assert build_webdataset(shards, tmp_path / "m.parquet", skip_incomplete=True).rows == 3
     write(shards / "00003.tar", "this is not a tar archive" * 40)
     with pytest.raises(ManifestError, match=r"00003\.tar: unreadable tar shard"):
+        build_webdataset(shards, tmp_path / "m.parquet", skip_incomplete=True)
+    (shards / "00003.tar").unlink()
+    with tarfile.open(shards / "00004.tar", "w:gz") as tar:
+        tar.add(shards / "00000.tar", arcname="000040000.txt")
+    with pytest.raises(ManifestError, match=r"00004\.tar: compressed tar"):
         build_webdataset(shards, tmp_path / "m.parquet", skip_incomplete=True)
 
 

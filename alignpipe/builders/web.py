@@ -16,7 +16,6 @@ import os
 import re
 import sys
 import tarfile
-import zlib
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -41,6 +40,7 @@ from alignpipe.errors import ManifestError
 CAPTION_COLUMNS = ("caption", "title", "text", "TEXT")
 PATH_COLUMNS = ("filepath", "image", "image_path", "path", "file", "filename")
 BRACE = re.compile(r"\{([^{}]*)\}")
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
 
 
 # ---- TSV / CSV ---------------------------------------------------------------------------------
@@ -55,7 +55,8 @@ def _pick_column(header: list[str], given: str | None, candidates: tuple[str, ..
         if name in header:
             return header.index(name)
     raise ManifestError(f"{where}: cannot tell which column holds the {what} (columns: "
-                        f"{', '.join(header)}); name it with --{what}-column")
+                        f"{', '.join(header)}); name it with --{what}-column. The first line "
+                        "must be a header naming the columns")
 
 
 def _csv_rows(path: Path):
@@ -229,11 +230,24 @@ def _sample_key(member: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
+def _refuse_compressed(tar: Path) -> None:
+    """Stage one reads members by byte offset, which a compressed tar does not have."""
+    try:
+        with open(tar, "rb") as handle:
+            head = handle.read(6)
+    except OSError as err:
+        raise ManifestError(f"{tar}: cannot read tar shard ({err})") from None
+    if any(head.startswith(magic) for magic in COMPRESSED_MAGIC):
+        raise ManifestError(f"{tar}: compressed tar; shards must be plain .tar (as img2dataset "
+                            "writes them) so members can be read by offset")
+
+
 def read_shard(tar: Path) -> list[tuple[str, str | None, str | None]]:
     """(key, image member, caption) per sample, in member order, reading the tar once."""
+    _refuse_compressed(tar)
     samples: dict[str, list] = {}
     try:
-        with tarfile.open(tar, mode="r|*") as stream:
+        with tarfile.open(tar, mode="r|") as stream:
             for member in stream:
                 if not member.isfile():
                     continue
@@ -243,7 +257,7 @@ def read_shard(tar: Path) -> list[tuple[str, str | None, str | None]]:
                     sample[1] = member.name
                 elif ext == "txt":
                     sample[2] = stream.extractfile(member).read().decode("utf-8").strip()
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+    except (tarfile.TarError, EOFError, OSError) as err:
         raise ManifestError(f"{tar}: unreadable tar shard ({err})") from None
     except UnicodeDecodeError:
         raise ManifestError(f"{tar}: a .txt member is not UTF-8") from None
