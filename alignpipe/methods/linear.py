@@ -1,0 +1,45 @@
+"""`linear`: one linear map per side into a shared space (APE / LiT style).
+
+``identity_side: a`` (or ``b``) keeps that side as it is, LiT-style "locked" tower, and maps only
+the other side into its space; the shared dim is then the kept side's dim.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from alignpipe.errors import AlignpipeError
+from alignpipe.methods import register_method
+from alignpipe.methods.contrastive import LOSS_DEFAULTS, HeadsMethod, temperature_from
+from alignpipe.methods.heads import linear_head
+
+LINEAR_DEFAULTS = {
+    "out_dim": None,          # None: 512, or the kept side's dim with identity_side
+    "identity_side": None,    # None, "a" or "b"
+    "bias": True,
+    **LOSS_DEFAULTS,
+}
+
+
+def _out_dim(config: dict, dims: dict[str, int]) -> int:
+    kept = config.get("identity_side")
+    if kept not in (None, "a", "b"):
+        raise AlignpipeError(f"linear: identity_side must be a, b or null, got {kept!r}")
+    wanted = config.get("out_dim")
+    if kept is None:
+        return int(wanted or 512)
+    if wanted not in (None, dims[kept]):
+        raise AlignpipeError(
+            f"linear: identity_side={kept} keeps side {kept} as it is (dim {dims[kept]}), so "
+            f"out_dim must be {dims[kept]} or null, not {wanted}")
+    return dims[kept]
+
+
+@register_method("linear", defaults=LINEAR_DEFAULTS,
+                 description="one linear map per side (or identity on one side), InfoNCE")
+def build_linear(config: dict, dim_a: int, dim_b: int) -> HeadsMethod:
+    dims = {"a": dim_a, "b": dim_b}
+    out = _out_dim(config, dims)
+    heads = {side: nn.Identity() if config.get("identity_side") == side
+             else linear_head(dims[side], out, bias=bool(config["bias"])) for side in dims}
+    return HeadsMethod("linear", config, heads["a"], heads["b"], temperature_from(config))
