@@ -150,32 +150,154 @@ def embed() -> None:
 
 # ---- fit / eval / similarity (stage two) --------------------------------------------------------
 # SECTION stage-two: owned by the stage-two work.
-@app.command()
-@friendly
-def fit() -> None:
-    """Train alignment heads on two stores of one manifest."""
-    raise AlignpipeError("fit is not built yet")
+def _common_overrides(set_: list[str] | None, **flags) -> dict[str, str]:
+    """``--set`` pairs plus the common flags given (flags win: they are the more specific)."""
+    overrides = parse_overrides(set_)
+    overrides.update({key: str(value) for key, value in flags.items() if value is not None})
+    return overrides
 
 
 @app.command()
 @friendly
-def similarity() -> None:
-    """Linear CKA and mutual kNN between stores of one manifest."""
-    raise AlignpipeError("similarity is not built yet")
+def fit(
+    store_a: Annotated[Path | None, typer.Argument(help="Store of one modality.")] = None,
+    store_b: Annotated[Path | None, typer.Argument(
+        help="Store of another modality, embedded from the same manifest.")] = None,
+    method: Annotated[str, typer.Option(help="Method name (see --list-methods).")] = "fusemix",
+    out: Annotated[Path | None, typer.Option(help="Run folder, e.g. runs/NAME.")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="YAML config, e.g. pipelines/fit/fusemix.yaml.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a config key: dropout=0.3 (repeatable).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Pairs per step (default 20480, reduced to fit device and data).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: best).")] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Continue a killed run from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
+    list_methods: Annotated[bool, typer.Option(
+        "--list-methods", help="List the registered methods and exit.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar and log lines.")] = True,
+) -> None:
+    """Train alignment heads on two stores of one manifest (nothing touches an encoder)."""
+    if list_methods:
+        from alignpipe.report import methods_table
+
+        console.print(methods_table())
+        return
+    if store_a is None or store_b is None or out is None:
+        raise AlignpipeError("fit needs two stores and --out RUN_FOLDER (or --list-methods)")
+    from alignpipe.fit import fit as fit_stores
+    from alignpipe.report import fit_summary_table
+
+    overrides = _common_overrides(set_, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    summary = fit_stores(store_a, store_b, method=method, out=out, config=config,
+                         overrides=overrides, resume=resume, device=device, progress=progress,
+                         overwrite=overwrite)
+    console.print(fit_summary_table(summary.to_dict()))
+
+
+@app.command()
+@friendly
+def similarity(
+    stores: Annotated[list[Path], typer.Argument(help="Two or more stores of one manifest.")],
+    output: Annotated[Path, typer.Option(
+        help="JSON to write (a heatmap PNG goes beside it).")] = Path("similarity.json"),
+    sample: Annotated[int, typer.Option(help="Rows to sample (valid in every store).")] = 5000,
+    k: Annotated[int, typer.Option(help="Neighbours for mutual kNN.")] = 10,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+) -> None:
+    """Linear CKA and mutual kNN between every pair of stores of one manifest."""
+    from alignpipe.report import similarity_tables
+    from alignpipe.similarity import similarity as similarity_of
+
+    result = similarity_of(stores, sample=sample, k=k, seed=seed, output=output)
+    for table in similarity_tables(result):
+        console.print(table)
+    console.print(f"wrote {output} and {output.with_suffix('.png')}")
+
+
+RunOption = Annotated[Path | None, typer.Option(help="A run folder made by alignpipe fit.")]
+IdentityOption = Annotated[bool, typer.Option(
+    help="Compare the stores' latents directly (they already share a space, e.g. CLIP).")]
+OutputOption = Annotated[Path | None, typer.Option(
+    help="Results JSON (default: in the run folder); .md and .png go beside it.")]
 
 
 @eval_app.command("retrieval")
 @friendly
-def eval_retrieval() -> None:
-    """Recall@K both ways between two stores through a run's heads."""
-    raise AlignpipeError("eval retrieval is not built yet")
+def eval_retrieval(
+    store_a: Annotated[Path, typer.Argument(help="Store of one modality.")],
+    store_b: Annotated[Path, typer.Argument(help="Store of the other modality.")],
+    run: RunOption = None,
+    identity: IdentityOption = False,
+    split: Annotated[str, typer.Option(help="Manifest split to score.")] = "test",
+    output: OutputOption = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda (default: best).")] = None,
+) -> None:
+    """Recall@1/5/10 both ways between two stores (through a run, or --identity)."""
+    from alignpipe.evaluate import eval_retrieval as retrieval
+    from alignpipe.report import retrieval_table
+
+    result = retrieval(run, store_a, store_b, split=split, identity=identity, output=output,
+                       device=device)
+    console.print(retrieval_table(result))
 
 
 @eval_app.command("zeroshot")
 @friendly
-def eval_zeroshot() -> None:
+def eval_zeroshot(
+    query_store: Annotated[Path, typer.Argument(help="Store to classify (manifest has label).")],
+    prompts_store: Annotated[Path, typer.Argument(
+        help="Store of the class prompts (one row per class × template, class in label).")],
+    run: RunOption = None,
+    identity: IdentityOption = False,
+    split: Annotated[str, typer.Option(help="Split of the query manifest.")] = "test",
+    class_embedding: Annotated[str, typer.Option(
+        help="mean (CLIP: average templates) or max (ASIF: best template).")] = "mean",
+    output: OutputOption = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda (default: best).")] = None,
+) -> None:
     """Zero-shot classification of a query store against a prompts store."""
-    raise AlignpipeError("eval zeroshot is not built yet")
+    from alignpipe.evaluate import eval_zeroshot as zeroshot
+    from alignpipe.report import zeroshot_table
+
+    result = zeroshot(run, query_store, prompts_store, split=split,
+                      class_embedding=class_embedding, identity=identity, output=output,
+                      device=device)
+    console.print(zeroshot_table(result))
+
+
+@bench_app.command("fit")
+@friendly
+def bench_fit(
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: best).")] = None,
+    quick: Annotated[bool, typer.Option(help="Smaller inputs, for a smoke run.")] = False,
+    method: Annotated[str, typer.Option(help="Trained method to time.")] = "fusemix",
+    rows: Annotated[int | None, typer.Option(help="Training rows (default by device).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Pairs per step.")] = None,
+    dims: Annotated[str | None, typer.Option(help="Latent dims a,b (e.g. 1536,1024).")] = None,
+    peak_tflops: Annotated[float | None, typer.Option(
+        help="Peak dense TFLOP/s of the device for MFU (default: known GPUs only).")] = None,
+    quality: Annotated[bool, typer.Option(
+        help="Instead: methods × training sizes on the synthetic benchmark.")] = False,
+    sizes: Annotated[str, typer.Option(help="--quality training sizes.")] = "500,2000,10000",
+) -> None:
+    """Fit throughput vs a DataLoader loop and vs pure compute; MFU and FuseMix projection."""
+    from alignpipe.benchmarks.fit import run_fit_bench, run_quality
+    from alignpipe.report import bench_table
+
+    if quality:
+        table = run_quality([int(s) for s in sizes.split(",")], device=device, echo=console.print)
+        console.print(table, markup=False, highlight=False)
+        return
+    parsed = tuple(int(d) for d in dims.split(",")) if dims else None
+    console.print(bench_table(run_fit_bench(
+        device=device, quick=quick, method=method, rows=rows, batch_size=batch_size, dims=parsed,
+        peak_tflops=peak_tflops)))
 # END SECTION stage-two
 
 

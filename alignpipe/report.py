@@ -162,3 +162,80 @@ def plot_similarity(path, names: list[str], matrices: dict[str, list[list[float]
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.set_title(title.replace("_", " "))
     _save_png(fig, plt, path)
+
+
+# ---- stage-two tables ---------------------------------------------------------------------------
+def methods_table() -> Table:
+    """`alignpipe fit --list-methods`."""
+    from alignpipe.fit import default_config
+    from alignpipe.methods import list_methods, method_spec
+
+    table = Table(title="alignment methods", title_justify="left")
+    for column in ("method", "trained", "what it does", "method keys (defaults)"):
+        table.add_column(column)
+    for name in list_methods():
+        spec = method_spec(name)
+        keys = ", ".join(f"{k}={v}" for k, v in spec.defaults.items()
+                         if not k.startswith("temperature") and k != "learn_temperature")
+        table.add_row(name, "yes" if spec.trained else "no", spec.description, keys)
+    loop = ", ".join(f"{k}={v}" for k, v in default_config("mlp").items()
+                     if k not in method_spec("mlp").defaults)
+    table.caption = f"loop keys of trained methods: {loop}"
+    return table
+
+
+def fit_summary_table(summary: dict) -> Table:
+    table = Table(title=f"fit {summary['method']} → {summary['run_dir']}", show_header=False,
+                  title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    val = summary.get("best_val") or {}
+    recalls = "  ".join(f"{d}: " + " ".join(f"{k} {v:.1f}" for k, v in r.items())
+                        for d, r in val.items() if isinstance(r, dict))
+    rows = [("pairs", f"{summary['train_pairs']:,} train, {summary['val_pairs']:,} val"),
+            ("dropped (invalid)", str(summary.get("dropped_rows", {}))),
+            ("best epoch", f"{summary['best_epoch']} of {summary['epochs']}"),
+            ("val recall (%)", recalls or "–"),
+            ("val mean recall", f"{val.get('mean_recall', float('nan')):.2f}"),
+            ("batch / steps", f"{summary['batch_size']} / {summary['steps']}"),
+            ("throughput", f"{summary['pairs_per_s']:,.0f} pairs/s on {summary['device']}"),
+            ("wall time", f"{summary['wall_s']:.1f} s")]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def retrieval_table(result: dict) -> Table:
+    title = f"retrieval, {result['split']} ({result['pairs']} pairs; percent)"
+    table = Table(title=title, title_justify="left")
+    for column in ("direction", "R@1", "R@5", "R@10"):
+        table.add_column(column, justify="left" if column == "direction" else "right")
+    for key, value in result.items():
+        if "_to_" in key and isinstance(value, dict):
+            table.add_row(key.replace("_", " "), *(f"{v:.2f}" for v in value.values()))
+    return table
+
+
+def zeroshot_table(result: dict) -> Table:
+    title = (f"zero-shot, {result['split']}: {result['queries']} queries, {result['classes']} "
+             f"classes, class embedding {result['class_embedding']} (percent)")
+    table = Table(title=title, title_justify="left")
+    for column in ("top1", "top5", "mean per-class top1"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{result['top1']:.2f}", f"{result['top5']:.2f}",
+                  f"{result.get('mean_per_class_top1', float('nan')):.2f}")
+    return table
+
+
+def similarity_tables(result: dict) -> list[Table]:
+    tables = []
+    for key, title in (("linear_cka", "linear CKA"),
+                       ("mutual_knn", f"mutual kNN (k={result['k']})")):
+        table = Table(title=f"{title} on {result['sample']} rows", title_justify="left")
+        table.add_column("")
+        for name in result["names"]:
+            table.add_column(name, justify="right")
+        for name, row in zip(result["names"], result[key], strict=True):
+            table.add_row(name, *(f"{v:.3f}" for v in row))
+        tables.append(table)
+    return tables

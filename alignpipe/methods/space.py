@@ -81,9 +81,12 @@ class SparseRows:
     def group_sum(self, groups: torch.Tensor, n_groups: int) -> SparseRows:
         """Row g of the result is the sum of the rows whose group is g."""
         target = groups.to(self.device)[self.row_ids()]
-        coo = torch.sparse_coo_tensor(torch.stack([target, self.col]), self.values,
-                                      size=(n_groups, self.width)).coalesce()
-        csr = coo.to_sparse_csr()
+        with warnings.catch_warnings():  # "CSR support is in beta": we only convert
+            warnings.simplefilter("ignore", UserWarning)
+            coo = torch.sparse_coo_tensor(torch.stack([target, self.col]), self.values,
+                                          size=(n_groups, self.width),
+                                          check_invariants=False).coalesce()
+            csr = coo.to_sparse_csr()
         return SparseRows(csr.crow_indices(), csr.col_indices(), csr.values(), self.width)
 
 
