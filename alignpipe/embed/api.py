@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from alignpipe.embed.engine import DECODE_TIMEOUT_S, UnitStats
+from alignpipe.embed.engine import DECODE_TIMEOUT_S
 from alignpipe.encoders import (
     EncoderSpec,
     WeightsSource,
@@ -25,7 +25,6 @@ from alignpipe.manifest import Manifest, read_manifest
 from alignpipe.store import (
     DTYPES,
     LatentStore,
-    create_store,
     is_store,
     open_store,
     remove_store,
@@ -229,8 +228,9 @@ def embed(manifest, encoder: str, cache="cache", *, dataset=None, column=None, w
               decode_timeout=decode_timeout or DECODE_TIMEOUT_S)
     outcome = run_job(job, request, store, unit_rows=unit_rows, cluster=cluster,
                       scheduler=scheduler, progress=progress)
-    return _finish(outcome.store, outcome.stats, outcome.skipped, outcome.seconds, began,
-                   encoder, max_failure_rate)
+    summary = _summary(outcome, began, encoder)
+    summary.extra = {"batch_size": batch, "workers": threads, "cluster": cluster or scheduler}
+    return _check_failure_rate(summary, max_failure_rate)
 
 
 def _modality_hint(column: str | None) -> str | None:
@@ -254,20 +254,23 @@ def _resolve_existing(path: Path, request: Request, manifest: Manifest,
     return store
 
 
-def _finish(store: LatentStore, stats: UnitStats, skipped: int, seconds: float, began: float,
-            encoder: str, max_failure_rate: float) -> EmbedSummary:
+def _summary(outcome, began: float, encoder: str) -> EmbedSummary:
+    store, stats = outcome.store, outcome.stats
     failures = store.merge_failures()
     valid = int(store.read_valid().sum())
-    summary = EmbedSummary(
+    return EmbedSummary(
         path=store.path, rows=store.rows, valid=valid, failed=store.rows - valid,
-        skipped_units=skipped, units=store.n_units,
-        rows_per_s=stats.rows / seconds if seconds > 0 and stats.rows else 0.0,
+        skipped_units=outcome.skipped, units=store.n_units,
+        rows_per_s=stats.rows / outcome.seconds if outcome.seconds > 0 and stats.rows else 0.0,
         wall_s=time.perf_counter() - began, embedded_rows=stats.rows,
         encoded_items=stats.encoded, failures_path=failures, encoder=encoder)
+
+
+def _check_failure_rate(summary: EmbedSummary, max_failure_rate: float) -> EmbedSummary:
     if summary.rows and summary.failed / summary.rows > max_failure_rate:
         raise FailureRateError(
             f"{summary.failed} of {summary.rows} rows failed "
             f"({summary.failed / summary.rows:.2%}), more than --max-failure-rate "
             f"{max_failure_rate:.2%}; the store is complete with those rows marked invalid, and "
-            f"{failures} says why each failed\n{summary.line()}", summary)
+            f"{summary.failures_path} says why each failed", summary)
     return summary

@@ -1,14 +1,12 @@
-"""Running work units in one process: decode threads -> collator -> device -> writer thread.
+"""Running work units in one process: decoders -> batches -> device -> writer thread.
 
-- Decode threads (`DecodePool`) turn manifest cells into small arrays; a bad cell is a failure
-  for its rows, never an exception.
-- A collator thread stacks them into batches (pinned on GPU) a few batches ahead.
+- Decode workers (forked processes, or threads: see `decoders`) turn manifest cells into
+  batches; a bad cell is a failure for its rows, never an exception.
+- A producer thread keeps a few batches ready (pinned on GPU).
 - The calling thread runs the encoder under inference mode and autocast, copies latents back
   without waiting, and only syncs one batch later, so the device never waits for the host.
 - A writer thread writes each finished unit (shard, failures, marker) while the next computes.
 
-Within a unit every media item (same resolved path, same text) is decoded and encoded once;
-texts are sorted by length so batches pad little, and latents return to manifest order.
 Batches never span units, so a unit's latents do not depend on which other units ran.
 """
 
@@ -19,49 +17,23 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from alignpipe.embed.pool import DecodePool
+from alignpipe.embed.decoders import make_decoder
+from alignpipe.embed.plan import Batch, UnitPlan, plan_unit, unit_result
 from alignpipe.encoders import Encoder
 from alignpipe.encoders.base import autocast
 from alignpipe.manifest import Manifest
-from alignpipe.media import resolve_ref
 from alignpipe.store import LatentStore
 
 DECODE_TIMEOUT_S = float(os.environ.get("ALIGNPIPE_DECODE_TIMEOUT", "120"))
 # Test hook: sleep this long after each batch, so a test can kill a run mid-way.
 THROTTLE_ENV = "ALIGNPIPE_EMBED_THROTTLE_S"
 PREFETCH_BATCHES = 3
-
-
-@dataclass
-class UnitPlan:
-    """One work unit's rows, reduced to unique items in the order they will be encoded."""
-
-    unit: int
-    start: int
-    ids: list[str]
-    values: list              # the value to prepare for each unique item
-    row_item: np.ndarray      # row offset -> unique item index, -1 when the cell itself is bad
-    row_reason: dict[int, str]
-    item_rows: np.ndarray     # rows per unique item (for progress)
-    item_reason: dict[int, str] = field(default_factory=dict)
-    latents: np.ndarray | None = None
-    item_ok: np.ndarray | None = None
-
-    @property
-    def rows(self) -> int:
-        return len(self.ids)
-
-
-@dataclass
-class Batch:
-    plan: UnitPlan
-    items: np.ndarray
-    tensors: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -76,55 +48,6 @@ class UnitStats:
         other = other if isinstance(other, dict) else other.__dict__
         for key in self.__dict__:
             setattr(self, key, getattr(self, key) + int(other.get(key, 0)))
-
-
-def plan_unit(manifest: Manifest, column: str, modality: str, unit: int, start: int,
-              stop: int, sort_key: Callable | None) -> UnitPlan:
-    """Map a unit's rows to unique items; cells that are empty fail here, before decoding."""
-    cells = manifest.table.column(column).slice(start, stop - start).to_pylist()
-    ids = manifest.table.column("id").slice(start, stop - start).to_pylist()
-    index: dict[str, int] = {}
-    values: list = []
-    row_item = np.full(len(cells), -1, dtype=np.int64)
-    row_reason: dict[int, str] = {}
-    for offset, cell in enumerate(cells):
-        if cell is None or not str(cell).strip():
-            row_reason[offset] = ("empty text" if modality == "text"
-                                  else f"no {modality} path in column {column!r}")
-            continue
-        value = str(cell) if modality == "text" else resolve_ref(str(cell), manifest.root)
-        key = value if modality == "text" else value.key
-        if key not in index:
-            index[key] = len(values)
-            values.append(value)
-        row_item[offset] = index[key]
-    if sort_key is not None and values:
-        # Length bucketing: encode in sorted order, keep row_item pointing at the same items.
-        order = sorted(range(len(values)), key=lambda i: sort_key(values[i]))
-        rank = np.empty(len(order), dtype=np.int64)
-        rank[order] = np.arange(len(order))
-        values = [values[i] for i in order]
-        row_item = np.where(row_item >= 0, rank[np.maximum(row_item, 0)], -1)
-    item_rows = np.bincount(row_item[row_item >= 0], minlength=len(values))
-    return UnitPlan(unit, start, ids, values, row_item, row_reason, item_rows)
-
-
-def unit_result(plan: UnitPlan, column: str, dim: int) -> tuple[np.ndarray, np.ndarray, list]:
-    """Rows' latents, valid flags and failure records from a finished plan."""
-    latents = np.zeros((plan.rows, dim), dtype=np.float32)
-    valid = np.zeros(plan.rows, dtype=bool)
-    has_item = plan.row_item >= 0
-    if plan.latents is not None and has_item.any():
-        items = plan.row_item[has_item]
-        latents[has_item] = plan.latents[items]
-        valid[has_item] = plan.item_ok[items]
-    failures = []
-    for offset in np.flatnonzero(~valid):
-        item = int(plan.row_item[offset])
-        reason = plan.row_reason.get(int(offset)) or plan.item_reason.get(item, "not encoded")
-        failures.append({"id": plan.ids[offset], "row": plan.start + int(offset),
-                         "column": column, "reason": reason})
-    return latents, valid, failures
 
 
 class _Writer:
@@ -180,37 +103,18 @@ class UnitRunner:
             yield plan_unit(self.manifest, self.column, self.encoder.modality, unit, start, stop,
                             self.encoder.sort_key)
 
-    def _collate(self, plan: UnitPlan, items: list[int], prepared: list) -> Batch:
-        tensors = self.encoder.collate(prepared)
-        if self.device.type == "cuda":
-            tensors = {k: v.pin_memory() for k, v in tensors.items()}
-        return Batch(plan, np.asarray(items), tensors)
-
     def _produce(self, units: list[int], out: queue.Queue, stop: threading.Event) -> None:
-        pool = DecodePool(self.encoder.prepare, self.workers, self.timeout)
-        window = max(2 * self.batch_size, 4 * self.workers)
+        decoder = make_decoder(self.encoder, self.batch_size, self.workers, self.timeout)
         try:
-            for plan in self._plans(units):
-                items, prepared = [], []
-                for i, outcome in enumerate(pool.map(plan.values, window)):
-                    if stop.is_set():
-                        return
-                    if not outcome.ok:
-                        plan.item_reason[i] = outcome.reason
-                        continue
-                    items.append(i)
-                    prepared.append(outcome.value)
-                    if len(items) == self.batch_size:
-                        out.put(self._collate(plan, items, prepared))
-                        items, prepared = [], []
-                if items:
-                    out.put(self._collate(plan, items, prepared))
-                out.put(plan)  # the plan itself marks the end of its unit
+            for message in decoder.iterate(self._plans(units)):
+                if stop.is_set():
+                    return
+                if isinstance(message, Batch) and self.device.type == "cuda":
+                    message.tensors = {k: v.pin_memory() for k, v in message.tensors.items()}
+                out.put(message)
             out.put(None)
         except BaseException as err:  # a collate bug must stop the run, not hang it
             out.put(err)
-        finally:
-            pool.close()
 
     # ---- consumer side (this thread) -------------------------------------------------------------
     def _launch(self, batch: Batch):
@@ -252,33 +156,52 @@ class UnitRunner:
         feed: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
         stop = threading.Event()
         producer = threading.Thread(target=self._produce, args=(units, feed, stop),
-                                    name="alignpipe-collate", daemon=True)
+                                    name="alignpipe-produce", daemon=True)
         writer = _Writer(self.store)
-        producer.start()
+        with self._cpu_share():
+            producer.start()
+            try:
+                self._consume(feed, writer, stats, progress)
+                writer.close()
+            finally:
+                stop.set()
+                _drain(feed)
+        return stats
+
+    @contextmanager
+    def _cpu_share(self) -> Iterator[None]:
+        """On CPU, leave the decode workers their cores: torch's spinning intra-op threads
+        would otherwise fight them for the same cores and both slow to a crawl."""
+        if self.device.type != "cpu" or self.encoder.modality == "text":
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - self.workers))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    def _consume(self, feed: queue.Queue, writer: _Writer, stats: UnitStats,
+                 progress: Callable[[int], None] | None) -> None:
         in_flight = None
         counted: dict[int, int] = {}
-        try:
-            while (message := feed.get()) is not None:
-                if isinstance(message, BaseException):
-                    raise message
-                if isinstance(message, Batch):
-                    launched = self._launch(message)
-                    stats.encoded += len(message.items)
-                    if in_flight is not None:
-                        self._advance(in_flight, counted, progress)
-                    in_flight = launched
-                    if self.throttle:
-                        time.sleep(self.throttle)
-                    continue
+        while (message := feed.get()) is not None:
+            if isinstance(message, BaseException):
+                raise message
+            if isinstance(message, Batch):
+                launched = self._launch(message)  # launch batch k+1 before landing batch k
+                stats.encoded += len(message.items)
                 if in_flight is not None:
                     self._advance(in_flight, counted, progress)
-                    in_flight = None
-                self._finish(message, writer, stats, counted, progress)
-            writer.close()
-        finally:
-            stop.set()
-            _drain(feed)
-        return stats
+                in_flight = launched
+                if self.throttle:
+                    time.sleep(self.throttle)
+                continue
+            if in_flight is not None:
+                self._advance(in_flight, counted, progress)
+                in_flight = None
+            self._finish(message, writer, stats, counted, progress)
 
     def _advance(self, launched, counted: dict[int, int], progress) -> None:
         rows = self._land(launched)
