@@ -142,9 +142,96 @@ def manifest_toy(
 # SECTION embed: owned by the stage-one work.
 @app.command()
 @friendly
-def embed() -> None:
-    """Stream a manifest once through a frozen encoder into the latent store."""
-    raise AlignpipeError("embed is not built yet")
+def embed(
+    manifest: Annotated[Path | None, typer.Argument(help="The manifest to embed.")] = None,
+    encoder: Annotated[str | None, typer.Option(
+        help="Encoder name (see --list-encoders), timm:<model> or hf:<hub id>.")] = None,
+    cache: Annotated[Path, typer.Option(help="Cache root.")] = Path("cache"),
+    dataset: Annotated[str | None, typer.Option(
+        help="Dataset name (default: manifest stem).")] = None,
+    column: Annotated[str | None, typer.Option(
+        help="Manifest column to read (default: the encoder's modality).")] = None,
+    weights: Annotated[str | None, typer.Option(
+        help="Local weights file or folder instead of the hub; 'random' for seeded random "
+             "weights (timing).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input resolution override.")] = None,
+    pooling: Annotated[str | None, typer.Option(
+        help="cls, mean, cls+mean (vision); mean, cls, max (text).")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="Compute dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, "
+             "float16.")] = None,
+    latent_dtype: Annotated[str, typer.Option(help="Stored dtype: float16 or float32.")
+                            ] = "float16",
+    batch_size: Annotated[int | None, typer.Option(help="Items per forward pass.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decode threads (default: CPU count).")
+                       ] = None,
+    unit_rows: Annotated[int, typer.Option(help="Rows per work unit (= Zarr shard).")] = 8192,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: best).")
+                      ] = None,
+    cluster: Annotated[str | None, typer.Option(
+        help="local:N runs work units on N dask workers on this machine.")] = None,
+    scheduler: Annotated[str | None, typer.Option(
+        help="tcp://HOST:PORT of a running dask scheduler to run work units on.")] = None,
+    max_failure_rate: Annotated[float, typer.Option(
+        help="Exit non-zero when more than this fraction of rows fail.")] = 0.01,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace a store made with another encoder spec or manifest.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    list_encoders_: Annotated[bool, typer.Option(
+        "--list-encoders", help="List the registered encoders and exit.")] = False,
+) -> None:
+    """Stream a manifest once through a frozen encoder into the latent store (resumable)."""
+    if list_encoders_:
+        from rich.table import Table
+
+        from alignpipe.encoders import list_encoders
+
+        table = Table("name", "modality", "source", "dim", "pooling", box=None)
+        for spec in list_encoders():
+            table.add_row(spec.name, spec.modality, spec.source, str(spec.dim), spec.pooling)
+        console.print(table)
+        return
+    if manifest is None or encoder is None:
+        raise AlignpipeError("embed needs a MANIFEST and --encoder NAME "
+                             "(--list-encoders shows the names)")
+    from alignpipe.embed import FailureRateError
+    from alignpipe.embed import embed as run_embed
+
+    try:
+        summary = run_embed(
+            manifest, encoder, cache, dataset=dataset, column=column, weights=weights,
+            image_size=image_size, pooling=pooling, dtype=dtype, latent_dtype=latent_dtype,
+            batch_size=batch_size, workers=workers, unit_rows=unit_rows, device=device,
+            cluster=cluster, scheduler=scheduler, max_failure_rate=max_failure_rate,
+            overwrite=overwrite, progress=progress)
+    except FailureRateError as err:
+        console.print(err.summary.line(), markup=False, highlight=False, soft_wrap=True)
+        raise
+    console.print(summary.line(), markup=False, highlight=False, soft_wrap=True)
+
+
+@bench_app.command("embed")
+@friendly
+def bench_embed(
+    encoder: Annotated[str, typer.Option(help="Encoder to time.")] = "test-vit",
+    rows: Annotated[int, typer.Option(help="Toy JPEG rows to generate and embed.")] = 2000,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: best).")
+                      ] = None,
+    weights: Annotated[str | None, typer.Option(
+        help="Weights for the encoder; 'random' times a random-init model (e.g. dinov2 "
+             "without the hub).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input resolution override.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Items per forward pass.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decode threads.")] = None,
+    quick: Annotated[bool, typer.Option(help="Fewer rows, for a smoke run.")] = False,
+) -> None:
+    """embed vs the bare forward loop vs a naive decode→forward loop, on the same inputs."""
+    from alignpipe.benchmarks.embed import run_embed_bench
+    from alignpipe.report import bench_table
+
+    console.print(bench_table(run_embed_bench(
+        encoder=encoder, rows=rows, device=device, weights=weights, image_size=image_size,
+        batch_size=batch_size, workers=workers, quick=quick)))
 # END SECTION embed
 
 
