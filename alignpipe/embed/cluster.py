@@ -79,6 +79,7 @@ def parse_cluster(spec: str) -> int:
 @contextmanager
 def connect(cluster: str | None, scheduler: str | None) -> Iterator[tuple[object, bool]]:
     """A dask Client, and whether tasks should ask for a GPU resource."""
+    import dask
     import torch
     from distributed import Client, LocalCluster
 
@@ -86,8 +87,10 @@ def connect(cluster: str | None, scheduler: str | None) -> Iterator[tuple[object
         n = parse_cluster(cluster)
         gpus = torch.cuda.device_count()
         resources = {"GPU": 1} if gpus else None
-        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                          dashboard_address=None, resources=resources) as local:
+        # Non-daemonic workers may fork decode processes of their own.
+        with dask.config.set({"distributed.worker.daemon": False}), LocalCluster(
+                n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                resources=resources) as local:
             with Client(local) as client:
                 yield client, bool(gpus)
         return
