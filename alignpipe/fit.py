@@ -480,7 +480,9 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
-                loss = method.training_loss(train.a[idx], train.b[idx], rng)
+                # index_select: advanced indexing (a[idx]) takes a far slower path on CPU
+                loss = method.training_loss(train.a.index_select(0, idx),
+                                            train.b.index_select(0, idx), rng)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg["grad_clip"] > 0:

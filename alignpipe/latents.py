@@ -153,7 +153,10 @@ def storage_dtype(device: torch.device, wanted: str = "auto") -> torch.dtype:
 
 
 def to_device(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
+    # Always a torch-owned copy: on CPU, multi-threaded row gathers from numpy-owned memory
+    # measured ~300× slower than from torch's own allocations.
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype,
+                                                            copy=True)
 
 
 def load_pairs(a: LatentStore, b: LatentStore, manifest: Manifest, rows: np.ndarray,
