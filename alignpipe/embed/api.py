@@ -216,7 +216,8 @@ def embed(manifest, encoder: str, cache="cache", *, dataset=None, column=None, w
                            pooling=pooling, latent_dtype=latent_dtype)
     spec, _ = resolve_spec(request.spec, request.source, _modality_hint(column))
     read_column = column or spec.modality
-    manifest.column(read_column)  # ManifestError naming the columns, before any weights load
+    if not manifest.has(read_column):
+        manifest.column(read_column)  # raises ManifestError naming the columns it does have
     path = store_path(cache, dataset or manifest.name, encoder).resolve()
     store = _resolve_existing(path, request, manifest, overwrite)
     batch, threads = _defaults(request, batch_size, workers, device)
