@@ -73,6 +73,7 @@ TRAIN_DEFAULTS = {
 PRECISIONS = ("auto", "fp32", "bf16")
 STORAGE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 CPU_MEMORY_BUDGET = 4 << 30   # bytes of activations a CPU step may use before we shrink it
+PLOT_EVERY_S = 30.0
 
 
 @dataclass
@@ -406,6 +407,7 @@ class Trainer:
         self.batch = self.steps_per_epoch = self.total_steps = 0
         self.train_seconds = 0.0
         self.pairs_seen = 0
+        self.last_plot = time.perf_counter()
 
     # ---- setup --------------------------------------------------------------------------------
     def _autocast(self):
@@ -534,7 +536,10 @@ class Trainer:
         self.log(f"epoch {epoch}: loss {loss:.4f}, val mean recall "
                  f"{val_metrics.get('mean_recall', float('nan')):.2f}"
                  + (" (best)" if improved else ""))
-        _plot_curves(self.out, self.history, self.names)
+        # A plot costs ~0.1 s: redraw at the end, and during long runs at most every PLOT_EVERY_S.
+        if epoch == self.cfg["epochs"] or time.perf_counter() - self.last_plot > PLOT_EVERY_S:
+            _plot_curves(self.out, self.history, self.names)
+            self.last_plot = time.perf_counter()
 
 
 class _NoBar:

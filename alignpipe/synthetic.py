@@ -60,7 +60,7 @@ def _latents(rng, net: _RandomNet, shared: np.ndarray, private: int, noise: floa
     return (clean + noise * rng.standard_normal(clean.shape)).astype(np.float32)
 
 
-def _write_store(path: Path, latents: np.ndarray, modality: str, name: str, manifest_path: Path,
+def write_store(path: Path, latents: np.ndarray, modality: str, name: str, manifest_path: Path,
                  invalid: list[int] | None = None, seed: int = 0) -> LatentStore:
     manifest = read_manifest(manifest_path)
     store = create_store(path, rows=latents.shape[0], dim=latents.shape[1],
@@ -111,9 +111,9 @@ def make_synthetic(out: str | Path, *, train: int = 2000, val: int = 500, test: 
     manifest = write_manifest(pa.table(columns), out / "synthetic.parquet")
     cache = out / "cache"
     invalid = invalid or {}
-    store_a = _write_store(cache / "synthetic" / "synthetic-a", latents_a, modalities[0],
+    store_a = write_store(cache / "synthetic" / "synthetic-a", latents_a, modalities[0],
                            "synthetic-a", manifest, invalid.get("a"), seed)
-    store_b = _write_store(cache / "synthetic" / "synthetic-b", latents_b, modalities[1],
+    store_b = write_store(cache / "synthetic" / "synthetic-b", latents_b, modalities[1],
                            "synthetic-b", manifest, invalid.get("b"), seed)
 
     # Prompts: class centres seen through modality b's map, one row per (class, template).
@@ -124,7 +124,7 @@ def make_synthetic(out: str | Path, *, train: int = 2000, val: int = 500, test: 
         "id": [f"p{c:03d}-t{t}" for c in range(classes) for t in range(templates)],
         modalities[1]: [f"template {t} of {n}" for n in names for t in range(templates)],
         "label": [n for n in names for _ in range(templates)]}), out / "prompts.parquet")
-    prompts_store = _write_store(cache / "prompts" / "synthetic-b",
+    prompts_store = write_store(cache / "prompts" / "synthetic-b",
                                  _latents(rng, net_b, prompt_z, private, noise), modalities[1],
                                  "synthetic-b", prompts, None, seed)
     return SyntheticData(manifest, store_a.path, store_b.path, prompts, prompts_store.path, names)
