@@ -103,16 +103,30 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
+def _not_cached_reason(encoder: str) -> str | None:
+    """Why `encoder`'s weights would have to come from the hub (None when they need not)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from alignpipe.encoders import get_encoder_spec, resolve_weights
+
+    spec = get_encoder_spec(encoder)
+    if resolve_weights(spec, None).kind != "hub":
+        return None  # test encoders, the installed MiniLM copy
+    repo = f"timm/{spec.model_id}" if spec.backend == "timm" else spec.model_id
+    if "/" in repo and isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return None
+    return f"the weights of {spec.model_id} are not in the local hub cache"
+
+
 def weights_problems(step: dict) -> list[str]:
     """Why an embed step could not load its encoder's weights here (empty when it can)."""
-    from alignpipe.encoders import weights_available
-
     weights = step.get("weights")
     if weights:
-        return [] if Path(weights).exists() else [f"weights {weights} do not exist"]
-    status = weights_available(str(step["encoder"]))
-    if status.ok or _hub_reachable():
+        return [] if Path(weights).exists() or weights == "random" else [
+            f"weights {weights} do not exist"]
+    reason = _not_cached_reason(str(step["encoder"]))
+    if reason is None or _hub_reachable():
         return []
-    return [f"{step['encoder']}: {status.reason}; the hub is unreachable from here: download "
-            f"the weights once where it is reachable and point `weights:` (or --set "
-            f"embed.<id>.weights=PATH) at the local copy"]
+    return [f"{step['encoder']}: {reason} and the hub is unreachable from here: download them "
+            f"once where it is reachable, or point `weights:` (--set "
+            f"embed.<id>.weights=PATH) at a local copy"]
