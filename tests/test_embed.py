@@ -12,11 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import zarr
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from alignpipe.cli import app
 from alignpipe.embed import EmbedError, embed, embed_status
-from alignpipe.encoders import load_encoder
+from alignpipe.encoders import EncoderError, load_encoder
 from alignpipe.manifest import write_manifest
 from alignpipe.store import open_store
 
@@ -104,6 +105,11 @@ def test_other_spec_or_manifest_is_refused_unless_overwrite(toy_dir, tmp_path):
                            tmp_path / "toy.parquet")  # same dataset name, other rows
     with pytest.raises(EmbedError, match="manifest"):
         embed(other, "test-vit", cache, progress=False)
+    broken = tmp_path / "broken.safetensors"
+    save_file({"x": torch.zeros(1)}, broken)
+    with pytest.raises(EncoderError, match="does not fit"):
+        run(toy_dir, "test-vit", cache, weights=broken, overwrite=True)
+    assert open_store(cache / "toy" / "test-vit").encoder["pooling"] == "cls"  # still there
     replaced = run(toy_dir, "test-vit", cache, pooling="mean", overwrite=True)
     assert open_store(replaced.path).encoder["pooling"] == "mean"
 

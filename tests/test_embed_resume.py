@@ -83,3 +83,15 @@ def test_dask_local_cluster_gives_the_same_store_as_one_process(toy_copy, tmp_pa
     assert_same_store(single.path, multi.path)
     again = embed(manifest, "test-vit", tmp_path / "dask", cluster="local:2", **options)
     assert again.skipped_units == 6 and again.embedded_rows == 0
+
+
+def test_cluster_options_are_checked_before_any_work(toy_dir, tmp_path):
+    from alignpipe.embed import EmbedError
+    from alignpipe.embed.cluster import ClusterError
+
+    with pytest.raises(ClusterError, match="use local:N"):
+        embed(toy_dir / "toy.parquet", "test-vit", tmp_path, cluster="gpus:2", progress=False)
+    with pytest.raises(EmbedError, match="not both"):
+        embed(toy_dir / "toy.parquet", "test-vit", tmp_path, cluster="local:2",
+              scheduler="tcp://127.0.0.1:8786", progress=False)
+    assert not (tmp_path / "toy").exists()

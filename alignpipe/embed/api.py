@@ -27,7 +27,6 @@ from alignpipe.store import (
     LatentStore,
     is_store,
     open_store,
-    remove_store,
     store_path,
 )
 
@@ -183,10 +182,10 @@ def _defaults(request: Request, batch_size, workers, device) -> tuple[int, int]:
     on_gpu = device is None and torch.cuda.is_available() or str(device).startswith("cuda")
     batch = batch_size or (request.spec.batch_size if on_gpu
                            else min(request.spec.batch_size, CPU_BATCH_CAP))
-    threads = workers or max(1, min(32, os.cpu_count() or 1))
-    if batch < 1 or threads < 1:
+    decoders = workers or max(1, min(32, os.cpu_count() or 1))
+    if batch < 1 or decoders < 1:
         raise EmbedError("--batch-size and --workers must be at least 1")
-    return batch, threads
+    return batch, decoders
 
 
 def embed(manifest, encoder: str, cache="cache", *, dataset=None, column=None, weights=None,
@@ -208,6 +207,10 @@ def embed(manifest, encoder: str, cache="cache", *, dataset=None, column=None, w
         raise EmbedError(f"{manifest.path}: the manifest has no rows")
     if cluster and scheduler:
         raise EmbedError("give --cluster or --scheduler, not both")
+    if cluster:
+        from alignpipe.embed.cluster import parse_cluster
+
+        parse_cluster(cluster)
     if not 0 <= max_failure_rate <= 1:
         raise EmbedError(f"--max-failure-rate must be within 0..1, got {max_failure_rate}")
     if unit_rows < 1:
@@ -220,17 +223,17 @@ def embed(manifest, encoder: str, cache="cache", *, dataset=None, column=None, w
         manifest.column(read_column)  # raises ManifestError naming the columns it does have
     path = store_path(cache, dataset or manifest.name, encoder).resolve()
     store = _resolve_existing(path, request, manifest, overwrite)
-    batch, threads = _defaults(request, batch_size, workers, device)
+    batch, decoders = _defaults(request, batch_size, workers, device)
     job = Job(manifest=str(manifest.path.resolve()), manifest_sha256=manifest.sha256,
               store=str(path.resolve()), encoder=encoder, column=read_column,
               modality=spec.modality, weights=str(weights) if weights is not None else None,
               image_size=image_size, pooling=pooling, device=device, dtype=dtype,
-              batch_size=batch, workers=threads,
+              batch_size=batch, workers=decoders,
               decode_timeout=decode_timeout or DECODE_TIMEOUT_S)
     outcome = run_job(job, request, store, unit_rows=unit_rows, cluster=cluster,
                       scheduler=scheduler, progress=progress)
     summary = _summary(outcome, began, encoder)
-    summary.extra = {"batch_size": batch, "workers": threads, "cluster": cluster or scheduler}
+    summary.extra = {"batch_size": batch, "workers": decoders, "cluster": cluster or scheduler}
     return _check_failure_rate(summary, max_failure_rate)
 
 
@@ -240,13 +243,12 @@ def _modality_hint(column: str | None) -> str | None:
 
 def _resolve_existing(path: Path, request: Request, manifest: Manifest,
                       overwrite: bool) -> LatentStore | None:
-    if overwrite and path.exists():
-        remove_store(path)
+    """The store to resume, or None to create one (replacing whatever is there only once the
+    encoder has loaded, so a failed load never costs the old store)."""
+    if overwrite:
         return None
     store = _open_existing(path)
     if store is None:
-        if path.exists():
-            remove_store(path)
         return None
     diffs = _differences(store, request, manifest)
     if diffs:

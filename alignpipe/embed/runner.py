@@ -91,10 +91,10 @@ def describe(job: Job, encoder: Encoder, identity: dict) -> dict:
 def ensure_store(job: Job, store: LatentStore | None, dim: int, modality: str,
                  provenance: dict, manifest: Manifest, latent_dtype: str,
                  unit_rows: int) -> LatentStore:
-    if store is None:
+    if store is None:  # nothing there, a creation cut off by a kill, or --overwrite
         return create_store(job.store, rows=manifest.rows, dim=dim, encoder=provenance,
                             modality=modality, manifest=manifest, dtype=latent_dtype,
-                            unit_rows=unit_rows)
+                            unit_rows=unit_rows, overwrite=True)
     if store.dim != dim:
         raise StoreError(f"{store.path}: store latents are {store.dim}-d but {job.encoder} "
                          f"gives {dim}-d; pass --overwrite to rebuild it")

@@ -135,14 +135,24 @@ class PixelNormalizer:
         return (x - self.mean) / self.std
 
 
-def transformers_quiet() -> None:
-    """No per-load progress bars or unused-weight chatter in the middle of a progress bar."""
-    import transformers
+@contextlib.contextmanager
+def transformers_quiet() -> Iterator[None]:
+    """No per-load progress bars or unused-weight chatter in the middle of a progress bar;
+    the caller's transformers logging settings are restored afterwards."""
+    from transformers.utils import logging
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def weight_error(spec: EncoderSpec, source: WeightsSource, err: Exception) -> EncoderError:
     where = source.path if source.local else f"the hub ({spec.model_id})"
-    return EncoderError(f"{spec.name}: cannot load weights from {where}: {err}")
+    hint = "" if source.local else " (no network here? pass --weights PATH to a local copy)"
+    return EncoderError(f"{spec.name}: cannot load weights from {where}{hint}: {err}")

@@ -44,28 +44,33 @@ def _from_config(cls, config):
 
 def load_hf_model(cls, spec: EncoderSpec, source: WeightsSource, **kwargs) -> torch.nn.Module:
     """Load `cls` (AutoModel, CLIPVisionModelWithProjection, ...) for `spec` from `source`."""
-    transformers_quiet()
     try:
-        if source.kind == "dir":
-            return cls.from_pretrained(source.path, dtype=torch.float32, **kwargs)
-        if source.kind == "hub":
-            return cls.from_pretrained(spec.model_id, dtype=torch.float32, **kwargs)
-        config = _config_for(spec, source)
-        with seeded(init_seed(spec, source)):
-            model = _from_config(cls, config)
-        if source.kind == "file":
-            missing, unexpected = model.load_state_dict(_load_state_file(source.path),
-                                                        strict=False)
-            if missing or unexpected:
-                raise EncoderError(
-                    f"{spec.name}: weights file {source.path} does not fit {type(model).__name__}"
-                    f" (missing {len(missing)} keys, e.g. {missing[:3]}; unexpected "
-                    f"{len(unexpected)}, e.g. {unexpected[:3]})")
-        return model
+        with transformers_quiet():
+            return _load(cls, spec, source, **kwargs)
     except EncoderError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise weight_error(spec, source, err) from None
+
+
+def _load(cls, spec: EncoderSpec, source: WeightsSource, **kwargs) -> torch.nn.Module:
+    """Hub and folders through from_pretrained; test specs and bare files from a config."""
+    if source.kind == "dir":
+        return cls.from_pretrained(source.path, dtype=torch.float32, **kwargs)
+    if source.kind == "hub":
+        return cls.from_pretrained(spec.model_id, dtype=torch.float32, **kwargs)
+    config = _config_for(spec, source)
+    with seeded(init_seed(spec, source)):
+        model = _from_config(cls, config)
+    if source.kind == "file":
+        missing, unexpected = model.load_state_dict(_load_state_file(source.path),
+                                                    strict=False)
+        if missing or unexpected:
+            raise EncoderError(
+                f"{spec.name}: weights file {source.path} does not fit {type(model).__name__}"
+                f" (missing {len(missing)} keys, e.g. {missing[:3]}; unexpected "
+                f"{len(unexpected)}, e.g. {unexpected[:3]})")
+    return model
 
 
 def processor_source(spec: EncoderSpec, source: WeightsSource, marker: str) -> str | Path:

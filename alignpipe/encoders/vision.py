@@ -6,6 +6,10 @@ arrays; scaling and normalisation happen on the device (`PixelNormalizer`).
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -57,6 +61,36 @@ def _split_timm_transform(transform) -> list:
     raise EncoderError(f"timm transform has no ToTensor step: {steps}")
 
 
+class _KeyReport(logging.Handler):
+    """Collects timm's report of checkpoint keys the model did not get or did not use."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.problems: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(("Missing keys", "Unexpected keys")):
+            self.problems.append(message.split(" discovered")[0].split(" found")[0])
+
+
+@contextmanager
+def _timm_key_report() -> Iterator[_KeyReport]:
+    """timm loads with strict=False once the classifier is dropped (num_classes=0) and only
+    logs what did not fit; a local file that fits nothing must be an error, not random init."""
+    logger = logging.getLogger("timm.models._builder")
+    report, level, propagate = _KeyReport(), logger.level, logger.propagate
+    logger.addHandler(report)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield report
+    finally:
+        logger.removeHandler(report)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
 def _create_timm(spec: EncoderSpec, source: WeightsSource, image_size: int | None):
     import timm
 
@@ -64,21 +98,29 @@ def _create_timm(spec: EncoderSpec, source: WeightsSource, image_size: int | Non
     if image_size:
         kwargs["img_size"] = image_size  # ViTs resample their position embedding to this size
     pretrained = source.kind not in ("test", "random")
+    overlay = _timm_overlay(source)
+
+    def create(**extra):
+        return timm.create_model(spec.model_id, pretrained=pretrained, num_classes=0,
+                                 pretrained_cfg_overlay=overlay, **extra)
+
     try:
-        with seeded(init_seed(spec, source)):
+        with seeded(init_seed(spec, source)), _timm_key_report() as report:
             try:
-                return timm.create_model(spec.model_id, pretrained=pretrained, num_classes=0,
-                                         pretrained_cfg_overlay=_timm_overlay(source), **kwargs)
+                model = create(**kwargs)
             except TypeError:
                 if "img_size" not in kwargs:
                     raise
                 kwargs.pop("img_size")  # CNNs take any size; the transform alone sets it
-                return timm.create_model(spec.model_id, pretrained=pretrained, num_classes=0,
-                                         pretrained_cfg_overlay=_timm_overlay(source), **kwargs)
+                model = create(**kwargs)
     except EncoderError:
         raise
     except (RuntimeError, OSError, ValueError, KeyError) as err:
         raise weight_error(spec, source, err) from None
+    if source.local and report.problems:
+        raise EncoderError(f"{spec.name}: weights {source.path} does not fit {spec.model_id}: "
+                           f"{'; '.join(report.problems)[:500]}")
+    return model
 
 
 class TimmImageEncoder:
