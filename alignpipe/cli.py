@@ -186,7 +186,9 @@ def embed(
 
         from alignpipe.encoders import list_encoders
 
-        table = Table("name", "modality", "source", "dim", "pooling", box=None)
+        table = Table(box=None)
+        for name in ("name", "modality", "source", "dim", "pooling"):
+            table.add_column(name, overflow="fold")
         for spec in list_encoders():
             table.add_row(spec.name, spec.modality, spec.source, str(spec.dim), spec.pooling)
         console.print(table)
