@@ -187,3 +187,13 @@ def test_cli_exit_code_when_too_many_rows_fail(toy_copy, tmp_path):
     assert "8 failed" in failed.output and "--max-failure-rate" in failed.output
     allowed = CliRunner().invoke(app, [*args, "--max-failure-rate", "0.02"])
     assert allowed.exit_code == 0 and "1 skipped" in allowed.output
+
+
+def test_bench_embed_reports_all_three_loops_and_ratios():
+    from alignpipe.benchmarks.embed import run_embed_bench
+
+    rows = {r["name"]: r for r in run_embed_bench(rows=64, device="cpu", quick=True)}
+    for name in ("embed", "bare forward loop", "naive decode→forward loop"):
+        assert rows[name]["unit"] == "rows/s" and rows[name]["value"] > 0
+    naive = rows["naive decode→forward loop"]["value"]
+    assert rows["embed / naive loop"]["value"] == pytest.approx(rows["embed"]["value"] / naive)

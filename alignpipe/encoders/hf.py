@@ -55,22 +55,32 @@ def load_hf_model(cls, spec: EncoderSpec, source: WeightsSource, **kwargs) -> to
 
 def _load(cls, spec: EncoderSpec, source: WeightsSource, **kwargs) -> torch.nn.Module:
     """Hub and folders through from_pretrained; test specs and bare files from a config."""
-    if source.kind == "dir":
-        return cls.from_pretrained(source.path, dtype=torch.float32, **kwargs)
-    if source.kind == "hub":
-        return cls.from_pretrained(spec.model_id, dtype=torch.float32, **kwargs)
+    if source.kind in ("dir", "hub"):
+        where = source.path if source.kind == "dir" else spec.model_id
+        model, info = cls.from_pretrained(where, dtype=torch.float32, output_loading_info=True,
+                                          **kwargs)
+        _check_keys(spec, where, model, info["missing_keys"], [])
+        return model
     config = _config_for(spec, source)
     with seeded(init_seed(spec, source)):
         model = _from_config(cls, config)
     if source.kind == "file":
         missing, unexpected = model.load_state_dict(_load_state_file(source.path),
                                                     strict=False)
-        if missing or unexpected:
-            raise EncoderError(
-                f"{spec.name}: weights file {source.path} does not fit {type(model).__name__}"
-                f" (missing {len(missing)} keys, e.g. {missing[:3]}; unexpected "
-                f"{len(unexpected)}, e.g. {unexpected[:3]})")
+        _check_keys(spec, source.path, model, missing, unexpected)
     return model
+
+
+def _check_keys(spec: EncoderSpec, where, model, missing, unexpected) -> None:
+    """Weights that leave parts of the encoder at random init are an error, not a warning.
+    A missing pooler is fine: pooling is ours, the checkpoint's pooler head is never used."""
+    missing = sorted(k for k in missing if not k.split(".")[0] == "pooler"
+                     and ".pooler." not in k)
+    if missing or unexpected:
+        raise EncoderError(
+            f"{spec.name}: weights {where} does not fit {type(model).__name__} (missing "
+            f"{len(missing)} keys, e.g. {missing[:3]}; unexpected {len(unexpected)}, e.g. "
+            f"{list(unexpected)[:3]})")
 
 
 def processor_source(spec: EncoderSpec, source: WeightsSource, marker: str) -> str | Path:
