@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -69,6 +70,7 @@ TRAIN_DEFAULTS = {
     "precision": "auto",      # auto (bf16 autocast on CUDA, fp32 elsewhere), fp32, bf16
     "storage_dtype": "auto",  # latents on the device: auto (fp16 on GPU, fp32 on CPU), ...
     "log_every": 10,          # steps between progress-bar loss updates
+    "val_every": 1,           # epochs between validations (= checkpoints); the last always
 }
 PRECISIONS = ("auto", "fp32", "bf16")
 STORAGE_DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -183,6 +185,8 @@ def _check_ranges(cfg: dict) -> None:
         problems.append(f"epochs must be ≥ 1 (got {cfg['epochs']})")
     if "batch_size" in cfg and cfg["batch_size"] < 2:
         problems.append(f"batch_size must be ≥ 2 for a contrastive loss (got {cfg['batch_size']})")
+    if "val_every" in cfg and cfg["val_every"] < 1:
+        problems.append(f"val_every must be ≥ 1 (got {cfg['val_every']})")
     if "lr" in cfg and cfg["lr"] <= 0:
         problems.append(f"lr must be > 0 (got {cfg['lr']})")
     if cfg.get("precision", "auto") not in PRECISIONS:
@@ -294,16 +298,21 @@ class RunLog:
         self.echo = echo
         self._console = None
 
+    @property
+    def console(self):
+        """The terminal console; the progress bar shares it so log lines print above it."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=True)
+        return self._console
+
     def __call__(self, line: str) -> None:
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         with open(self.path, "a") as handle:
             handle.write(f"{stamp} {line}\n")
         if self.echo:
-            if self._console is None:
-                from rich.console import Console
-
-                self._console = Console(stderr=True)
-            self._console.print(line, markup=False, highlight=False)
+            self.console.print(line, markup=False, highlight=False)
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -436,20 +445,23 @@ class Trainer:
     def _restore(self, method, optimizer) -> tuple[int, float, int]:
         """Epochs already done, best val value and its epoch (nothing done on a fresh run)."""
         path = self.out / CHECKPOINT
-        if not (self.resume and path.exists()):
-            return 0, -math.inf, 0
-        tensors = load_file(str(path), device="cpu")
-        with open(path, "rb") as handle:  # metadata without a second full read
-            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-        meta = header.get("__metadata__", {})
-        method.load_state_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        method.to(self.device)
-        _load_optimizer(method, optimizer, tensors)
-        done = int(meta["epoch"])
+        done, best, best_epoch = 0, -math.inf, 0
+        if self.resume and path.exists():
+            tensors = load_file(str(path), device="cpu")
+            with open(path, "rb") as handle:  # the header holds the metadata
+                header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+            meta = header.get("__metadata__", {})
+            method.load_state_tensors({k[6:]: v for k, v in tensors.items()
+                                       if k.startswith("model.")})
+            method.to(self.device)
+            _load_optimizer(method, optimizer, tensors)
+            done, best, best_epoch = (int(meta["epoch"]), float(meta["best_value"]),
+                                      int(meta["best_epoch"]))
+            self.log(f"resuming after epoch {done} of {self.cfg['epochs']}")
+        # A kill between an epoch's metrics line and its checkpoint leaves a line to drop.
         self.history = [m for m in read_metrics(self.out) if m["epoch"] <= done]
         _atomic_write(self.out / METRICS, "".join(json.dumps(m) + "\n" for m in self.history))
-        self.log(f"resuming after epoch {done} of {self.cfg['epochs']}")
-        return done, float(meta["best_value"]), int(meta["best_epoch"])
+        return done, best, best_epoch
 
     # ---- the loop -----------------------------------------------------------------------------
     def __call__(self, method, train: Pairs, val: Pairs) -> None:
@@ -460,11 +472,16 @@ class Trainer:
         optimizer = torch.optim.AdamW(method.parameter_groups(self.cfg["weight_decay"]),
                                       lr=self.cfg["lr"], betas=(0.9, 0.999))
         start, self.best_value, self.best_epoch = self._restore(method, optimizer)
-        with _progress_bar(self.progress, self.total_steps, start * self.steps_per_epoch) as bar:
+        with _progress_bar(self.progress, self.total_steps, start * self.steps_per_epoch,
+                           self.log.console) as bar:
+            losses = []
             for epoch in range(start, self.cfg["epochs"]):
-                loss = self._train_epoch(method, optimizer, train, epoch, autocast, bar)
-                self._end_epoch(method, optimizer, val, epoch + 1, loss)
-                _after_epoch(epoch + 1)
+                losses.append(self._train_epoch(method, optimizer, train, epoch, autocast, bar))
+                done = epoch + 1
+                if done % self.cfg["val_every"] == 0 or done == self.cfg["epochs"]:
+                    self._end_epoch(method, optimizer, val, done, float(np.mean(losses)))
+                    losses = []
+                    _after_epoch(done)
 
     def _train_epoch(self, method, optimizer, train: Pairs, epoch: int, autocast, bar) -> float:
         seed = _epoch_seed(self.cfg["seed"], epoch)
@@ -551,8 +568,7 @@ class _NoBar:
 
 
 class _Bar:
-    def __init__(self, total: int, completed: int):
-        from rich.console import Console
+    def __init__(self, total: int, completed: int, console):
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -565,7 +581,7 @@ class _Bar:
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} pairs/s"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console)
         self.task = self.progress.add_task("training", total=total, completed=completed,
                                            loss="–", rate="–")
 
@@ -577,8 +593,8 @@ class _Bar:
         return self.progress.__exit__(*exc)
 
 
-def _progress_bar(show: bool, total: int, completed: int):
-    return _Bar(total, completed) if show else _NoBar()
+def _progress_bar(show: bool, total: int, completed: int, console):
+    return _Bar(total, completed, console) if show else _NoBar()
 
 
 def _plot_curves(out: Path, history: list[dict], names: tuple[str, str]) -> None:
@@ -616,7 +632,11 @@ def validate(method, val: Pairs, names: tuple[str, str]) -> dict:
 def fit(store_a, store_b, *, method: str, out, config=None, overrides: dict | None = None,
         resume: bool = False, device=None, progress: bool = True,
         overwrite: bool = False) -> FitSummary:
-    """Train (or, for asif, collect anchors for) an alignment of two stores into `out`."""
+    """Train (or, for asif, collect anchors for) an alignment of two stores into `out`.
+
+    A finished run with the same config and stores is returned as it is; an unfinished one
+    needs ``resume=True``; a different one in `out` needs ``overwrite=True``.
+    """
     started = time.perf_counter()
     a, b, manifest = open_pair(store_a, store_b)
     cfg = resolve_config(method, config, overrides)
@@ -625,11 +645,26 @@ def fit(store_a, store_b, *, method: str, out, config=None, overrides: dict | No
     state = _prepare_folder(out, identity, resume, overwrite)
     if state == "done":
         return FitSummary.from_dict(json.loads((out / SUMMARY).read_text()))
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     if state == "new":
         _atomic_write(out / CONFIG, yaml.safe_dump(
             {**identity, "manifest": a.manifest_info, "alignpipe_version": __version__},
             sort_keys=False))
+    try:
+        return _run(a, b, manifest, method, cfg, out, state, device, progress, started)
+    except AlignpipeError:
+        # A run refused before its first checkpoint leaves nothing behind to "resume".
+        if state == "new" and not (out / CHECKPOINT).exists():
+            for name in (CONFIG, LOG, METRICS, ANCHORS):
+                (out / name).unlink(missing_ok=True)
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run(a, b, manifest, method: str, cfg: dict, out: Path, state: str, device,
+         progress: bool, started: float) -> FitSummary:
     dev = resolve_device(device)
     log = RunLog(out / LOG, echo=progress)
     log(f"fit {method}: {a.modality} {a.path} (dim {a.dim}) ↔ {b.modality} {b.path} "
@@ -650,8 +685,7 @@ def fit(store_a, store_b, *, method: str, out, config=None, overrides: dict | No
         model.fit(train, val)
         save_tensors(out / ANCHORS, model.state_tensors(), {"method": method})
         best = {"epoch": 0, "val": validate(model, val, names)}
-        with open(out / METRICS, "a") as handle:
-            handle.write(json.dumps(best) + "\n")
+        _atomic_write(out / METRICS, json.dumps(best) + "\n")
         log(f"{len(train)} anchor pairs; val mean recall "
             f"{best['val'].get('mean_recall', float('nan')):.2f}")
         rate, epochs, best_epoch, batch, steps = 0.0, 0, 0, 0, 0

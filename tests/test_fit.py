@@ -211,3 +211,12 @@ def test_every_method_beats_chance_on_held_out_retrieval(tmp_path):
         for direction in ("image_to_text", "text_to_image"):
             assert result[direction]["R@1"] > 8, (method, result)    # > 16× chance
             assert result[direction]["R@5"] > 30, (method, result)
+
+
+def test_a_refused_run_leaves_no_folder(tmp_path):
+    data = make_synthetic(tmp_path / "d", train=3, val=2, test=2, dim_a=6, dim_b=4, hidden=2,
+                          private=1)
+    with pytest.raises(AlignpipeError, match="only 3 valid training rows"):
+        fit(data.store_a, data.store_b, method="fusemix", out=tmp_path / "runs" / "r",
+            progress=False, overrides={"blocks": 1})
+    assert not (tmp_path / "runs" / "r").exists()

@@ -306,10 +306,10 @@ def quality_overrides(method: str, train: int) -> dict:
     """The same budget for every trained method: about 1,500 steps at B = 256."""
     if method == "asif":
         return {"topk": min(800, train)}
-    rows_per_step = 256 * (2 if method == "fusemix" else 1)
+    rows_per_step = min(train, 256 * (2 if method == "fusemix" else 1))
     epochs = max(1, round(1500 * rows_per_step / train))
     return {"epochs": epochs, "batch_size": 256, "warmup_steps": 100, "out_dim": 128,
-            "seed": 0}
+            "seed": 0, "val_every": max(1, epochs // 15)}
 
 
 def run_quality(sizes: list[int], methods=QUALITY_METHODS, device: str | None = None,
