@@ -210,7 +210,8 @@ def embed(manifest, encoder: str, cache="cache", *, dataset=None, column=None, w
     if cluster:
         from alignpipe.embed.cluster import parse_cluster
 
-        parse_cluster(cluster)
+        # N workers share this machine's cores: by default each gets its share of decoders.
+        workers = workers or max(1, (os.cpu_count() or 1) // parse_cluster(cluster))
     if not 0 <= max_failure_rate <= 1:
         raise EmbedError(f"--max-failure-rate must be within 0..1, got {max_failure_rate}")
     if unit_rows < 1:

@@ -12,6 +12,7 @@ Batches never span units, so a unit's latents do not depend on which other units
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -129,7 +130,7 @@ class UnitRunner:
         host = torch.empty(latents.shape, dtype=torch.float32, pin_memory=True)
         host.copy_(latents, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))  # the model's GPU, not GPU 0
         return batch, host, event
 
     def _land(self, launched) -> int:
@@ -158,7 +159,7 @@ class UnitRunner:
         producer = threading.Thread(target=self._produce, args=(units, feed, stop),
                                     name="alignpipe-produce", daemon=True)
         writer = _Writer(self.store)
-        with self._cpu_share():
+        with self._cpu_share(), _on_device(self.device):
             producer.start()
             try:
                 self._consume(feed, writer, stats, progress)
@@ -219,6 +220,11 @@ class UnitRunner:
                    "units": 1})
         if progress:
             progress(plan.rows - counted.pop(plan.unit, 0))
+
+
+def _on_device(device: torch.device):
+    """Make the encoder's GPU the current one, so streams and pinned copies pair with it."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _drain(feed: queue.Queue) -> None:
