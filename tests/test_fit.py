@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import alignpipe.fit as fit_module
+import alignpipe.fit.loop as loop_module
 from alignpipe.cli import app
 from alignpipe.errors import AlignpipeError
 from alignpipe.fit import fit, resolve_config, run_is_complete, run_state
@@ -91,7 +91,7 @@ def test_resume_continues_exactly(data, tmp_path, monkeypatch):
         if epoch == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(fit_module, "_after_epoch", killed)
+    monkeypatch.setattr(loop_module, "_after_epoch", killed)
     with pytest.raises(KeyboardInterrupt):
         fit(data.store_a, data.store_b, method="fusemix", out=tmp_path / "cut", progress=False,
             overrides=overrides)

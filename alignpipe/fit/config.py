@@ -1,0 +1,126 @@
+"""Fit configs: defaults per method, a YAML file and ``key=value`` overrides, type-checked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from alignpipe.errors import AlignpipeError
+from alignpipe.methods import method_spec
+
+# Keys every method understands.
+COMMON_DEFAULTS = {
+    "seed": 0,
+    "val_fraction": 0.05,     # held out by hash of id when the manifest has no val split
+}
+# Keys of the training loop (trained methods only). Defaults follow the FuseMix release config.
+TRAIN_DEFAULTS = {
+    "epochs": 20,
+    "batch_size": 20480,      # loss pairs per step (FuseMix: 2× this many rows are drawn)
+    "lr": 1.0e-3,
+    "min_lr": 1.0e-6,
+    "warmup_start_lr": 1.0e-6,
+    "warmup_steps": 100,
+    "weight_decay": 0.1,      # weight matrices only
+    "grad_clip": 0.0,         # max grad norm; 0 = off
+    "precision": "auto",      # auto (bf16 autocast on CUDA, fp32 elsewhere), fp32, bf16
+    "storage_dtype": "auto",  # latents on the device: auto (fp16 on GPU, fp32 on CPU), ...
+    "log_every": 10,          # steps between progress-bar loss updates
+    "val_every": 1,           # epochs between validations (= checkpoints); the last always
+}
+PRECISIONS = ("auto", "fp32", "bf16")
+STORAGE_DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+def default_config(method: str) -> dict:
+    spec = method_spec(method)
+    return {**COMMON_DEFAULTS, **(TRAIN_DEFAULTS if spec.trained else {}), **spec.defaults}
+
+
+def _coerce(key: str, value, default):
+    """Parse a --set string and check it has the type of the default."""
+    if isinstance(value, str) and not isinstance(default, str):
+        text = value
+        value = yaml.safe_load(value) if value != "" else None
+        if isinstance(value, str) and isinstance(default, (int, float)):
+            try:  # YAML reads 1e-3 (no dot) as a string
+                value = float(text)
+            except ValueError:
+                pass
+    if default is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise AlignpipeError(f"config key {key}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int) and not isinstance(value, bool):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int):
+            raise AlignpipeError(f"config key {key}: expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise AlignpipeError(f"config key {key}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise AlignpipeError(f"config key {key}: expected a string, got {value!r}")
+    return value
+
+
+def _config_file(config: str | Path | dict | None, method: str) -> dict:
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        data = dict(config)
+    else:
+        path = Path(config)
+        if not path.exists():
+            raise AlignpipeError(f"{path}: fit config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise AlignpipeError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise AlignpipeError(f"{path}: a fit config is a mapping of key: value")
+    named = data.pop("method", method)
+    if named != method:
+        raise AlignpipeError(f"fit config is for method {named!r} but --method is {method!r}")
+    return data
+
+
+def resolve_config(method: str, config: str | Path | dict | None = None,
+                   overrides: dict | None = None) -> dict:
+    """Defaults ← config file ← overrides (``--set`` and the common flags), type-checked."""
+    resolved = default_config(method)
+    for source, values in (("config file", _config_file(config, method)),
+                           ("--set", overrides or {})):
+        for key, value in values.items():
+            if key not in resolved:
+                raise AlignpipeError(
+                    f"{source}: unknown key {key!r} for method {method}; known keys: "
+                    f"{', '.join(sorted(resolved))}")
+            resolved[key] = _coerce(key, value, default_config(method)[key])
+    _check_ranges(resolved)
+    return resolved
+
+
+def _check_ranges(cfg: dict) -> None:
+    problems = []
+    if "epochs" in cfg and cfg["epochs"] < 1:
+        problems.append(f"epochs must be ≥ 1 (got {cfg['epochs']})")
+    if "batch_size" in cfg and cfg["batch_size"] < 2:
+        problems.append(f"batch_size must be ≥ 2 for a contrastive loss (got {cfg['batch_size']})")
+    if "val_every" in cfg and cfg["val_every"] < 1:
+        problems.append(f"val_every must be ≥ 1 (got {cfg['val_every']})")
+    if "lr" in cfg and cfg["lr"] <= 0:
+        problems.append(f"lr must be > 0 (got {cfg['lr']})")
+    if cfg.get("precision", "auto") not in PRECISIONS:
+        problems.append(f"precision must be one of {', '.join(PRECISIONS)}")
+    if cfg.get("storage_dtype", "auto") not in STORAGE_DTYPES:
+        problems.append(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}")
+    if not 0 <= cfg["val_fraction"] < 1:
+        problems.append(f"val_fraction must be in [0, 1) (got {cfg['val_fraction']})")
+    if problems:
+        raise AlignpipeError("fit config: " + "; ".join(problems))

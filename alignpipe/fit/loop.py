@@ -1,0 +1,336 @@
+"""The one training loop: latents resident on the device, batches by on-device permutation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from alignpipe.errors import AlignpipeError
+from alignpipe.fit.runfolder import (
+    CHECKPOINT,
+    CURVES,
+    HEADS_BEST,
+    HEADS_LAST,
+    METRICS,
+    RunLog,
+    _atomic_write,
+    read_metrics,
+    save_tensors,
+)
+from alignpipe.methods.base import Pairs
+from alignpipe.metrics import encoded_retrieval
+
+CPU_MEMORY_BUDGET = 4 << 30   # bytes of activations a CPU step may use before we shrink it
+PLOT_EVERY_S = 30.0
+
+
+def lr_at(step: int, total: int, warmup: int, cfg: dict) -> float:
+    """Linear warmup from warmup_start_lr, then cosine to min_lr, per step."""
+    if step < warmup:
+        return cfg["warmup_start_lr"] + (cfg["lr"] - cfg["warmup_start_lr"]) * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg["min_lr"] + (cfg["lr"] - cfg["min_lr"]) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        avail = 8 << 30
+    return min(int(avail) // 2, CPU_MEMORY_BUDGET)
+
+
+def step_bytes(method, batch: int) -> int:
+    """Rough activation memory of one step: saved Linear inputs/outputs plus the logits."""
+    from torch import nn
+
+    multiples = method.transform.batch_multiples if method.transform else (1,)
+    per_row = sum(m.in_features + 2 * m.out_features
+                  for side in ("a", "b") for m in method.model[side].modules()
+                  if isinstance(m, nn.Linear))
+    rows = batch * sum(multiples) + batch * method.rows_per_pair
+    return 4 * (rows * per_row + sum(6 * (m * batch) ** 2 for m in multiples))
+
+
+def plan_batch(method, requested: int, n_rows: int, device: torch.device) -> tuple[int, list[str]]:
+    """The batch actually used, and why it differs from the requested one."""
+    batch, reasons = requested, []
+    per_pair = method.rows_per_pair
+    if batch * per_pair > n_rows:
+        batch = n_rows // per_pair
+        reasons.append(f"the training set has {n_rows} valid rows"
+                       + (f" and {method.name} draws {per_pair} rows per pair" if per_pair > 1
+                          else ""))
+    budget = _free_memory(device)
+    shrunk = False
+    while batch > 2 and step_bytes(method, batch) > budget:
+        batch //= 2
+        shrunk = True
+    if shrunk:
+        reasons.append(f"a step must fit in {budget / 2**30:.1f} GiB of {device.type} memory")
+    if batch < 2:
+        raise AlignpipeError(
+            f"only {n_rows} valid training rows: a contrastive step needs at least "
+            f"{2 * per_pair} ({method.name} draws {per_pair} rows per pair)")
+    return batch, reasons
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # One seed per epoch makes a resumed run draw exactly what an uninterrupted one would.
+    return (seed * 1_000_003 + epoch) % (2**63)
+
+
+def _after_epoch(epoch: int) -> None:
+    """Hook called after each epoch's checkpoint; tests replace it to simulate a kill."""
+
+
+def _optimizer_tensors(method, optimizer) -> dict[str, torch.Tensor]:
+    names = {id(p): n for n, p in method.model.named_parameters()}
+    out = {}
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            out[f"optim.{names[id(param)]}.{key}"] = torch.as_tensor(value)
+    return out
+
+
+def _load_optimizer(method, optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    device = next(method.model.parameters()).device
+    for name, param in method.model.named_parameters():
+        state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items()
+                 if k.startswith(f"optim.{name}.") and "." not in k[len(f"optim.{name}."):]}
+        if state:
+            optimizer.state[param] = {k: v if k == "step" else v.to(device)
+                                      for k, v in state.items()}
+
+
+class Trainer:
+    """The one training loop. fit() hands an instance to a trained method as its `loop`."""
+
+    def __init__(self, out: Path, config: dict, device: torch.device, log: RunLog,
+                 progress: bool, names: tuple[str, str], resume: bool):
+        self.out, self.cfg, self.device, self.log = out, config, device, log
+        self.progress, self.names, self.resume = progress, names, resume
+        self.history: list[dict] = []
+        self.batch = self.steps_per_epoch = self.total_steps = 0
+        self.train_seconds = 0.0
+        self.pairs_seen = 0
+        self.last_plot = time.perf_counter()
+
+    # ---- setup --------------------------------------------------------------------------------
+    def _autocast(self):
+        precision = self.cfg["precision"]
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.precision = precision
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=precision == "bf16")
+
+    def _plan(self, method, n_rows: int) -> None:
+        self.batch, reasons = plan_batch(method, self.cfg["batch_size"], n_rows, self.device)
+        self.rows_per_step = self.batch * method.rows_per_pair
+        self.steps_per_epoch = n_rows // self.rows_per_step
+        self.total_steps = self.steps_per_epoch * self.cfg["epochs"]
+        self.warmup = min(self.cfg["warmup_steps"], self.total_steps // 2)
+        line = (f"batch: {self.batch} pairs per step ({self.rows_per_step} rows), "
+                f"{self.steps_per_epoch} steps per epoch, {self.total_steps} in all")
+        if reasons:
+            line += f"; reduced from {self.cfg['batch_size']} because " + " and ".join(reasons)
+        self.log(line)
+        if self.warmup < self.cfg["warmup_steps"]:
+            self.log(f"warmup: {self.warmup} steps (half the run) instead of "
+                     f"{self.cfg['warmup_steps']}")
+
+    def _restore(self, method, optimizer) -> tuple[int, float, int]:
+        """Epochs already done, best val value and its epoch (nothing done on a fresh run)."""
+        path = self.out / CHECKPOINT
+        done, best, best_epoch = 0, -math.inf, 0
+        if self.resume and path.exists():
+            tensors = load_file(str(path), device="cpu")
+            with open(path, "rb") as handle:  # the header holds the metadata
+                header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+            meta = header.get("__metadata__", {})
+            method.load_state_tensors({k[6:]: v for k, v in tensors.items()
+                                       if k.startswith("model.")})
+            method.to(self.device)
+            _load_optimizer(method, optimizer, tensors)
+            done, best, best_epoch = (int(meta["epoch"]), float(meta["best_value"]),
+                                      int(meta["best_epoch"]))
+            self.log(f"resuming after epoch {done} of {self.cfg['epochs']}")
+        # A kill between an epoch's metrics line and its checkpoint leaves a line to drop.
+        self.history = [m for m in read_metrics(self.out) if m["epoch"] <= done]
+        _atomic_write(self.out / METRICS, "".join(json.dumps(m) + "\n" for m in self.history))
+        return done, best, best_epoch
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def __call__(self, method, train: Pairs, val: Pairs) -> None:
+        self._plan(method, len(train))
+        autocast = self._autocast()
+        self.log(f"precision: {self.precision}; latents on {self.device} as "
+                 f"{str(train.a.dtype).replace('torch.', '')}")
+        optimizer = torch.optim.AdamW(method.parameter_groups(self.cfg["weight_decay"]),
+                                      lr=self.cfg["lr"], betas=(0.9, 0.999))
+        start, self.best_value, self.best_epoch = self._restore(method, optimizer)
+        with _progress_bar(self.progress, self.total_steps, start * self.steps_per_epoch,
+                           self.log.console) as bar:
+            losses = []
+            for epoch in range(start, self.cfg["epochs"]):
+                losses.append(self._train_epoch(method, optimizer, train, epoch, autocast, bar))
+                done = epoch + 1
+                if done % self.cfg["val_every"] == 0 or done == self.cfg["epochs"]:
+                    self._end_epoch(method, optimizer, val, done, float(np.mean(losses)))
+                    losses = []
+                    _after_epoch(done)
+
+    def _train_epoch(self, method, optimizer, train: Pairs, epoch: int, autocast, bar) -> float:
+        seed = _epoch_seed(self.cfg["seed"], epoch)
+        torch.manual_seed(seed)  # dropout
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        perm = torch.randperm(len(train), generator=gen, device=self.device)
+        rng = np.random.default_rng(seed)  # FuseMix's λ, drawn on the host as in its code
+        method.model.train()
+        total = torch.zeros((), device=self.device)
+        started = time.perf_counter()
+        for step in range(self.steps_per_epoch):
+            idx = perm[step * self.rows_per_step:(step + 1) * self.rows_per_step]
+            lr = lr_at(epoch * self.steps_per_epoch + step, self.total_steps, self.warmup,
+                       self.cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                # index_select: advanced indexing (a[idx]) takes a far slower path on CPU
+                loss = method.training_loss(train.a.index_select(0, idx),
+                                            train.b.index_select(0, idx), rng)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(method.model.parameters(), self.cfg["grad_clip"])
+            optimizer.step()
+            method.after_step()
+            total += loss.detach()
+            if bar is not None:
+                self._show(bar, step, loss, started, epoch)
+        seconds = time.perf_counter() - started
+        self.train_seconds += seconds
+        self.pairs_seen += self.steps_per_epoch * self.rows_per_step
+        self.last_rate = self.steps_per_epoch * self.rows_per_step / max(seconds, 1e-9)
+        self.last_lr = lr
+        return float(total) / self.steps_per_epoch
+
+    def _show(self, bar, step: int, loss: torch.Tensor, started: float, epoch: int) -> None:
+        progress, task = bar
+        fields = {}
+        if step % self.cfg["log_every"] == 0 or step == self.steps_per_epoch - 1:
+            rate = (step + 1) * self.rows_per_step / max(time.perf_counter() - started, 1e-9)
+            fields = {"loss": f"{float(loss):.4f}", "rate": f"{rate:,.0f}"}
+        progress.update(task, advance=1, description=f"epoch {epoch + 1}/{self.cfg['epochs']}",
+                        **fields)
+
+    def _end_epoch(self, method, optimizer, val: Pairs, epoch: int, loss: float) -> None:
+        val_metrics = validate(method, val, self.names)
+        record = {"epoch": epoch, "step": epoch * self.steps_per_epoch, "train_loss": loss,
+                  "lr": self.last_lr, "temperature": float(method.model["loss"]().detach()),
+                  "pairs_per_s": self.last_rate, "val": val_metrics}
+        value = val_metrics.get("mean_recall", -loss)  # no val rows: lowest loss is best
+        improved = value > self.best_value
+        if improved:
+            self.best_value, self.best_epoch = value, epoch
+        meta = {"method": method.name, "epoch": epoch}
+        heads = method.state_tensors()
+        save_tensors(self.out / HEADS_LAST, heads, meta)
+        if improved:
+            save_tensors(self.out / HEADS_BEST, heads, meta)
+        # metrics before the checkpoint: a resume drops lines past the checkpoint's epoch
+        self.history.append(record)
+        with open(self.out / METRICS, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        tensors = {**{f"model.{k}": v for k, v in heads.items()},
+                   **_optimizer_tensors(method, optimizer)}
+        save_tensors(self.out / CHECKPOINT, tensors,
+                     {"epoch": epoch, "best_value": self.best_value,
+                      "best_epoch": self.best_epoch, "format": "alignpipe-checkpoint-1"})
+        self.log(f"epoch {epoch}: loss {loss:.4f}, val mean recall "
+                 f"{val_metrics.get('mean_recall', float('nan')):.2f}"
+                 + (" (best)" if improved else ""))
+        # A plot costs ~0.1 s: redraw at the end, and during long runs at most every PLOT_EVERY_S.
+        if epoch == self.cfg["epochs"] or time.perf_counter() - self.last_plot > PLOT_EVERY_S:
+            _plot_curves(self.out, self.history, self.names)
+            self.last_plot = time.perf_counter()
+
+
+class _NoBar:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Bar:
+    def __init__(self, total: int, completed: int, console):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} pairs/s"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+        self.task = self.progress.add_task("training", total=total, completed=completed,
+                                           loss="–", rate="–")
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self.progress, self.task
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+
+def _progress_bar(show: bool, total: int, completed: int, console):
+    return _Bar(total, completed, console) if show else _NoBar()
+
+
+def _plot_curves(out: Path, history: list[dict], names: tuple[str, str]) -> None:
+    from alignpipe.report import plot_fit_curves
+
+    plot_fit_curves(out / CURVES, history, names)
+
+
+# ---- validation ---------------------------------------------------------------------------------
+def direction_names(names: tuple[str, str]) -> tuple[str, str]:
+    return f"{names[0]}_to_{names[1]}", f"{names[1]}_to_{names[0]}"
+
+
+def first_rows(items: np.ndarray) -> np.ndarray:
+    """Index of the first row of each item, in item order (items are numbered 0..n-1)."""
+    return np.unique(items, return_index=True)[1]
+
+
+def validate(method, val: Pairs, names: tuple[str, str]) -> dict:
+    """Recall@1/5/10 both ways on the val pairs, plus their mean (the selection criterion)."""
+    if len(val) == 0:
+        return {}
+    enc_a = method.encode("a", val.a[torch.as_tensor(first_rows(val.items_a),
+                                                     device=val.a.device)])
+    enc_b = method.encode("b", val.b[torch.as_tensor(first_rows(val.items_b),
+                                                     device=val.b.device)])
+    forward, backward = encoded_retrieval(enc_a, enc_b, val.items_a, val.items_b)
+    ab, ba = direction_names(names)
+    out = {ab: forward, ba: backward}
+    out["mean_recall"] = float(np.mean([*forward.values(), *backward.values()]))
+    return out
