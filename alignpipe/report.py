@@ -192,8 +192,11 @@ def fit_summary_table(summary: dict) -> Table:
     val = summary.get("best_val") or {}
     recalls = "  ".join(f"{d}: " + " ".join(f"{k} {v:.1f}" for k, v in r.items())
                         for d, r in val.items() if isinstance(r, dict))
+    dropped = summary.get("dropped_rows") or {}
     rows = [("pairs", f"{summary['train_pairs']:,} train, {summary['val_pairs']:,} val"),
-            ("dropped (invalid)", str(summary.get("dropped_rows", {}))),
+            ("dropped (invalid)", f"{dropped.get('train', 0)} train, {dropped.get('val', 0)} val "
+                                  f"rows (invalid in a: {dropped.get('invalid_in_a', 0)}, in b: "
+                                  f"{dropped.get('invalid_in_b', 0)})"),
             ("best epoch", f"{summary['best_epoch']} of {summary['epochs']}"),
             ("val recall (%)", recalls or "–"),
             ("val mean recall", f"{val.get('mean_recall', float('nan')):.2f}"),

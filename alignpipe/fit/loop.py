@@ -231,7 +231,7 @@ class Trainer:
         fields = {}
         if step % self.cfg["log_every"] == 0 or step == self.steps_per_epoch - 1:
             rate = (step + 1) * self.rows_per_step / max(time.perf_counter() - started, 1e-9)
-            fields = {"loss": f"{float(loss):.4f}", "rate": f"{rate:,.0f}"}
+            fields = {"loss": f"{float(loss.detach()):.4f}", "rate": f"{rate:,.0f}"}
         progress.update(task, advance=1, description=f"epoch {epoch + 1}/{self.cfg['epochs']}",
                         **fields)
 
