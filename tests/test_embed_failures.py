@@ -179,3 +179,22 @@ def test_failure_rate_over_the_limit_raises_after_the_store_is_finished(toy_copy
     again = embed(toy_copy / "toy.parquet", "test-vit", tmp_path / "cache", progress=False,
                   max_failure_rate=0.05)
     assert again.skipped_units == again.units and again.failed == 12
+
+
+@pytest.mark.parametrize("fmt,subtype", [("WAV", "PCM_16"), ("FLAC", None), ("OGG", "VORBIS"),
+                                         ("MP3", "MPEG_LAYER_III")])
+def test_audio_formats_decode_to_mono_at_the_model_rate(tmp_path, fmt, subtype):
+    import soundfile as sf
+
+    from alignpipe.media import MediaError, MediaRef, load_audio
+
+    t = np.arange(8000) / 8000
+    stereo = np.stack([0.3 * np.sin(2 * np.pi * 440 * t)] * 2, axis=1).astype(np.float32)
+    path = tmp_path / f"clip.{fmt.lower()}"
+    sf.write(path, stereo, 8000, format=fmt, subtype=subtype)
+    wave = load_audio(MediaRef(path), 16000)
+    assert wave.dtype == np.float32 and abs(len(wave) - 16000) < 1200  # mp3 adds padding
+    assert 0.25 < np.abs(wave).max() < 0.4
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(MediaError, match="truncated|corrupt"):
+        load_audio(MediaRef(path), 16000)
