@@ -115,6 +115,8 @@ def run_units(job: Job, units: list[int], device: str | None = None,
 
 def run_job(job: Job, request, store: LatentStore | None, *, unit_rows: int,
             cluster: str | None, scheduler: str | None, progress: bool) -> Outcome:
+    if store is not None and store.complete:  # nothing to do: no model load, no cluster
+        return Outcome(store, UnitStats(), store.n_units, 0.0)
     if cluster or scheduler:
         from alignpipe.embed.cluster import run_on_dask
 

@@ -171,7 +171,7 @@ class TimmImageEncoder:
         preprocessing = {k: (list(v) if isinstance(v, tuple) else v)
                          for k, v in self.data_config.items()}
         return {"backend": "timm", "model_id": self.spec.model_id,
-                "revision": cfg.get("hf_hub_id") if self.source.kind == "hub" else None,
+                "hub_id": cfg.get("hf_hub_id") if self.source.kind == "hub" else None,
                 "pooling": self.pooling, "image_size": int(self.data_config["input_size"][-1]),
                 "preprocessing": {"library": "timm.data.create_transform", **preprocessing},
                 **self.source.record()}
