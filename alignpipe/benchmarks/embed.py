@@ -108,7 +108,7 @@ def run_embed_bench(encoder: str = "test-vit", rows: int = 2000, device: str | N
         summary = embed(manifest, encoder, Path(tmp) / "cache", weights=weights,
                         image_size=image_size, device=str(resolved), batch_size=batch_size,
                         workers=workers, progress=False)
-        runner._ENCODERS.clear()  # free the embed run's model before loading the loops' copy
+        runner.clear_encoder_cache()  # free the embed run's model before the loops load theirs
         batch = int(summary.extra["batch_size"])
         model = load_encoder(encoder, weights=weights, image_size=image_size,
                              device=str(resolved))

@@ -68,6 +68,12 @@ def job_encoder(job: Job, device: str | None = None) -> Encoder:
         return _ENCODERS[key]
 
 
+def clear_encoder_cache() -> None:
+    """Drop the cached encoder (kept so that consecutive embeds of one model load it once)."""
+    with _CACHE_LOCK:
+        _ENCODERS.clear()
+
+
 def job_manifest(job: Job) -> Manifest:
     with _CACHE_LOCK:
         manifest = _MANIFESTS.get(job.manifest)
