@@ -163,7 +163,8 @@ def embed(
     latent_dtype: Annotated[str, typer.Option(help="Stored dtype: float16 or float32.")
                             ] = "float16",
     batch_size: Annotated[int | None, typer.Option(help="Items per forward pass.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Decode threads (default: CPU count).")
+    workers: Annotated[int | None, typer.Option(
+        help="Decode worker processes (default: CPU count, shared out under --cluster).")
                        ] = None,
     unit_rows: Annotated[int, typer.Option(help="Rows per work unit (= Zarr shard).")] = 8192,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: best).")
@@ -224,7 +225,7 @@ def bench_embed(
              "without the hub).")] = None,
     image_size: Annotated[int | None, typer.Option(help="Input resolution override.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Items per forward pass.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Decode threads.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decode worker processes.")] = None,
     quick: Annotated[bool, typer.Option(help="Fewer rows, for a smoke run.")] = False,
 ) -> None:
     """embed vs the bare forward loop vs a naive decode→forward loop, on the same inputs."""
