@@ -133,8 +133,9 @@ def test_dry_run_marks_cache_and_changing_the_method_reuses_latents(toy_run, mon
     work, _, _ = toy_run
     monkeypatch.chdir(work)
     lines: list[str] = []
-    run_pipeline("pipelines/toy.yaml", {"fit.image-text.method": "mlp"}, dry_run=True,
-                 echo=lines.append)
+    run_pipeline("pipelines/toy.yaml", {"fit.image-text.method": "mlp",
+                                        "fit.image-text.config": "pipelines/fit/mlp.yaml"},
+                 dry_run=True, echo=lines.append)
     assert any(line.startswith("[embed] toy-image: cached") for line in lines)
     assert any(line.startswith("[fit] image-text: would run") for line in lines)
     assert any(line.startswith("[fit] audio-text: cached") for line in lines)
