@@ -19,9 +19,10 @@ from itertools import islice
 import numpy as np
 
 from alignpipe.embed.plan import Batch, UnitPlan
-from alignpipe.embed.pool import DecodePool
+from alignpipe.embed.pool import DecodePool, Outcome
 from alignpipe.embed.procpool import ProcessPool, fork_available
 from alignpipe.encoders import Encoder
+from alignpipe.media import MediaError
 
 DECODER_ENV = "ALIGNPIPE_DECODER"  # "threads" or "processes": force one (tests, debugging)
 
@@ -32,11 +33,14 @@ class ThreadDecoder:
             encoder, batch_size, workers, timeout)
 
     def iterate(self, plans: Iterator[UnitPlan]) -> Iterator[Batch | UnitPlan]:
-        pool = DecodePool(self.encoder.prepare, self.workers, self.timeout)
+        # Text has nothing to decode: preparing it inline beats handing it to threads.
+        pool = (None if self.encoder.modality == "text"
+                else DecodePool(self.encoder.prepare, self.workers, self.timeout))
         window = max(2 * self.batch_size, 4 * self.workers)
         try:
             for plan in plans:
-                outcomes = pool.map(plan.values, window)
+                outcomes = (pool.map(plan.values, window) if pool is not None
+                            else map(_inline(self.encoder.prepare), plan.values))
                 for start in range(0, len(plan.values), self.batch_size):
                     items, prepared = [], []
                     for i, outcome in enumerate(islice(outcomes, self.batch_size), start):
@@ -49,7 +53,18 @@ class ThreadDecoder:
                         yield Batch(plan, np.asarray(items), self.encoder.collate(prepared))
                 yield plan  # the plan itself marks the end of its unit
         finally:
-            pool.close()
+            if pool is not None:
+                pool.close()
+
+
+def _inline(prepare):
+    def run(value) -> Outcome:
+        try:
+            return Outcome(True, prepare(value))
+        except MediaError as err:
+            return Outcome(False, reason=str(err))
+
+    return run
 
 
 class ProcessDecoder:
