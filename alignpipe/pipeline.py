@@ -17,6 +17,7 @@ A pipeline file has these sections (see pipelines/toy.yaml for a full example)::
       - {kind: zeroshot, run: image-text, query: toy-image, prompts: prompts-text}
       - {kind: retrieval, run: image-text, a: toy-image, b: toy-text, split: test}
     similarity: {stores: [toy-image, toy-text]}
+    x-shared: &shared {epochs: 40}     # any `x-` key: a place for YAML anchors, ignored
     reference:                     # the papers' numbers, printed beside ours
       - {eval: 0, metric: top1, value: 76.0, source: "freeze-align (CVPR 2025)"}
 
@@ -124,6 +125,8 @@ def load_pipeline(path: str | Path, overrides: dict[str, str] | None = None) -> 
     if not isinstance(plan, dict):
         raise PipelineError(f"{path}: a pipeline file is a mapping with sections "
                             f"{', '.join(SECTIONS)}")
+    # `x-` keys hold YAML anchors shared by steps (as in docker compose); the runner ignores them
+    plan = {k: v for k, v in plan.items() if not str(k).startswith("x-")}
     unknown = sorted(set(plan) - set(SECTIONS))
     if unknown:
         raise PipelineError(f"{path}: unknown section(s) {', '.join(unknown)}; allowed: "

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignpipe.methods.base import Loop, Pairs, check_side
-from alignpipe.methods.heads import matmul_flops_per_row
+from alignpipe.methods.heads import Standardize, input_dim, matmul_flops_per_row
 from alignpipe.methods.losses import Temperature, symmetric_infonce
 
 ENCODE_CHUNK = 16384
@@ -44,7 +44,16 @@ class HeadsMethod:
         self.name = name
         self.config = config
         self.model = nn.ModuleDict({"a": head_a, "b": head_b, "loss": temperature})
+        if config.get("standardize"):
+            for side, head in (("a", head_a), ("b", head_b)):
+                dim = input_dim(head)
+                if dim is not None:  # an identity side stays exactly as it is
+                    self.model[f"norm_{side}"] = Standardize(dim)
         self.transform = transform
+
+    def _inputs(self, side: str, latents: torch.Tensor) -> torch.Tensor:
+        norm = f"norm_{side}"
+        return self.model[norm](latents) if norm in self.model else latents
 
     # ---- training ------------------------------------------------------------------------------
     @property
@@ -55,6 +64,9 @@ class HeadsMethod:
     def fit(self, train: Pairs, val: Pairs, loop: Loop | None = None) -> None:
         if loop is None:
             raise ValueError(f"method {self.name} is trained: pass fit.py's loop")
+        for side in ("a", "b"):
+            if f"norm_{side}" in self.model:  # statistics of the training rows only
+                self.model[f"norm_{side}"].fit(getattr(train, side))
         loop(self, train, val)
 
     def training_loss(self, xa: torch.Tensor, xb: torch.Tensor,
@@ -63,7 +75,8 @@ class HeadsMethod:
         xa, xb = xa.float(), xb.float()
         batches = self.transform(xa, xb, rng) if self.transform else [(xa, xb)]
         t = self.model["loss"]()
-        losses = [symmetric_infonce(self.model["a"](a), self.model["b"](b), t)
+        losses = [symmetric_infonce(self.model["a"](self._inputs("a", a)),
+                                    self.model["b"](self._inputs("b", b)), t)
                   for a, b in batches]
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
@@ -106,7 +119,7 @@ class HeadsMethod:
         head = self.model[side]
         was_training = head.training
         head.eval()
-        out = [F.normalize(head(latents[i:i + ENCODE_CHUNK].float()), dim=-1)
+        out = [F.normalize(head(self._inputs(side, latents[i:i + ENCODE_CHUNK].float())), dim=-1)
                for i in range(0, latents.shape[0], ENCODE_CHUNK)]
         head.train(was_training)
         if not out:
@@ -130,4 +143,7 @@ LOSS_DEFAULTS = {
     "temperature_min": 0.001,   # FuseMix clamps the temperature into [0.001, 0.5]
     "temperature_max": 0.5,
     "learn_temperature": True,
+    # Standardise each latent feature with train-split statistics before the heads (off in
+    # the papers' code); helps encoders whose latents sit in a narrow cone.
+    "standardize": False,
 }
