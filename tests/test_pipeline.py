@@ -114,8 +114,11 @@ def test_toy_pipeline_end_to_end(toy_run):
     zeroshot = [e for e in first.evals if e["kind"] == "zeroshot"]
     retrieval = [e for e in first.evals if e["kind"] == "retrieval"]
     assert len(zeroshot) == 2 and len(retrieval) == 2
-    # 24 classes: chance is 4.2% top-1; the image side must be far above it
-    assert zeroshot[0]["metrics"]["top1"] > 20
+    # 24 classes: chance is 4.2% top-1. The random-init test ViT is a weak encoder, so ask for
+    # three times chance there; the audio clips encode colour and shape exactly, so ask for more.
+    assert zeroshot[0]["metrics"]["top1"] > 12.5
+    assert zeroshot[1]["metrics"]["top1"] > 30
+    assert retrieval[1]["metrics"]["audio_to_text"]["R@10"] > 60
     report = (work / "runs" / "toy" / "report.md").read_text()
     assert "## Results" in report and "## Plots" in report
     saved = json.loads((work / "runs" / "toy" / "results.json").read_text())
