@@ -226,6 +226,8 @@ def bench_embed(
     image_size: Annotated[int | None, typer.Option(help="Input resolution override.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Items per forward pass.")] = None,
     workers: Annotated[int | None, typer.Option(help="Decode worker processes.")] = None,
+    repeats: Annotated[int, typer.Option(
+        help="Run each measure this many times and keep its best (noisy machines).")] = 1,
     quick: Annotated[bool, typer.Option(help="Fewer rows, for a smoke run.")] = False,
 ) -> None:
     """embed vs the bare forward loop vs a naive decode→forward loop, on the same inputs."""
@@ -234,7 +236,7 @@ def bench_embed(
 
     console.print(bench_table(run_embed_bench(
         encoder=encoder, rows=rows, device=device, weights=weights, image_size=image_size,
-        batch_size=batch_size, workers=workers, quick=quick)))
+        batch_size=batch_size, workers=workers, quick=quick, repeats=repeats)))
 # END SECTION embed
 
 
