@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import soundfile as sf
 from PIL import Image
 
 from alignpipe import read_manifest
 from alignpipe.toy import COLOURS, SHAPES, folder_digest, make_toy
+
+TOY = Path(__file__).resolve().parents[1] / "data_manifests" / "toy"  # the checked-in copy
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
@@ -18,9 +22,9 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     assert folder_digest(tmp_path / "a") != folder_digest(tmp_path / "c")
 
 
-def test_checked_in_copy_is_what_the_generator_makes(tmp_path, toy_dir):
+def test_checked_in_copy_is_what_the_generator_makes(tmp_path):
     make_toy(tmp_path / "toy", rows=600, seed=0)
-    assert folder_digest(tmp_path / "toy") == folder_digest(toy_dir)
+    assert folder_digest(tmp_path / "toy") == folder_digest(TOY)
 
 
 def test_media_follow_the_label(toy_dir):
