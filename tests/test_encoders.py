@@ -317,3 +317,12 @@ def test_bad_options_are_clear_errors(small, tmp_path):
 
         save_file({"x": torch.zeros(1)}, bad)
         load_encoder("test-text", weights=bad, device="cpu")
+
+
+def test_any_timm_model_with_random_weights(small, tmp_path):
+    summary = embed(small, "timm:resnet18", tmp_path / "c", weights="random", image_size=64,
+                    progress=False)
+    store = open_store(summary.path)
+    assert store.dim == 512 and store.read_valid().all()
+    assert store.encoder["pooling"] == "model" and store.encoder["weights"] == "random"
+    assert store.encoder["preprocessing"]["input_size"] == [3, 64, 64]
