@@ -131,7 +131,7 @@ def zeroshot_metrics(ranks: torch.Tensor, labels: torch.Tensor, class_names: lis
     for c, name in enumerate(class_names):
         members = labels == c
         if members.any():
-            per_class[name] = 100.0 * float((ranks[members] == 1).float().mean())
+            per_class[name] = 100.0 * float((ranks[members] == 1).double().mean())
     out["per_class_accuracy"] = per_class
     if per_class:
         out["mean_per_class_top1"] = float(np.mean(list(per_class.values())))
