@@ -93,6 +93,16 @@ def _interpolate(value):
     return value
 
 
+def _unshared(value):
+    """A copy in which no two places share an object: YAML anchors (``*name``) alias one dict,
+    and an override of one step must not change the others."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
+
+
 def _set_dotted(tree: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     node = tree
@@ -126,7 +136,7 @@ def load_pipeline(path: str | Path, overrides: dict[str, str] | None = None) -> 
         raise PipelineError(f"{path}: a pipeline file is a mapping with sections "
                             f"{', '.join(SECTIONS)}")
     # `x-` keys hold YAML anchors shared by steps (as in docker compose); the runner ignores them
-    plan = {k: v for k, v in plan.items() if not str(k).startswith("x-")}
+    plan = _unshared({k: v for k, v in plan.items() if not str(k).startswith("x-")})
     unknown = sorted(set(plan) - set(SECTIONS))
     if unknown:
         raise PipelineError(f"{path}: unknown section(s) {', '.join(unknown)}; allowed: "
@@ -347,24 +357,32 @@ class Runner:
                         f"{summary.rows_per_s:.0f} rows/s")
 
     def fit(self) -> None:
-        from alignpipe.fit import fit, run_is_complete
+        from alignpipe.fit import fit, run_state
 
         for sid, step in self.plan["fit"].items():
             out = self.folder / sid
             a, b = _store_of(self.plan, step["a"]), _store_of(self.plan, step["b"])
             args = {"method": step["method"], "config": step.get("config"),
                     "overrides": _fit_overrides(step)}
-            if (a.exists() and b.exists() and out.exists()
-                    and run_is_complete(out, a, b, **args)):
+            # missing | complete | incomplete (killed: resume it) | different (spec changed)
+            state = (run_state(out, a, b, **args) if a.exists() and b.exists() and out.exists()
+                     else "missing")
+            if state == "complete":
                 self.record("fit", sid, "cached", detail=str(out))
                 continue
+            plan = {"missing": "", "incomplete": "resume a killed run",
+                    "different": "replace a run made with another spec"}[state]
             if self.dry_run:
-                self.record("fit", sid, "would run", detail=f"{step['method']} → {out}")
+                self.record("fit", sid, "would run",
+                            detail=f"{step['method']} → {out}" + (f" ({plan})" if plan else ""))
                 continue
-            device = self.plan.get("device")
-            summary, seconds = self.guarded("fit", sid, fit, a, b, out=out, device=device,
-                                            progress=self.progress, **args)
-            self.record("fit", sid, "ran", seconds, f"best epoch {summary.best_epoch}")
+            # The pipeline owns runs/<name>/<fit id>: a changed spec replaces what is there.
+            summary, seconds = self.guarded(
+                "fit", sid, fit, a, b, out=out, device=self.plan.get("device"),
+                progress=self.progress, resume=state == "incomplete",
+                overwrite=state == "different", **args)
+            self.record("fit", sid, "ran", seconds,
+                        f"best epoch {summary.best_epoch}" + (f"; {plan}" if plan else ""))
 
     def evaluate(self) -> None:
         from alignpipe.evaluate import eval_retrieval, eval_zeroshot

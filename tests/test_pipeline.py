@@ -142,3 +142,20 @@ def test_dry_run_marks_cache_and_changing_the_method_reuses_latents(toy_run, mon
     assert any(line.startswith("[embed] toy-image: cached") for line in lines)
     assert any(line.startswith("[fit] image-text: would run") for line in lines)
     assert any(line.startswith("[fit] audio-text: cached") for line in lines)
+
+
+def test_changed_fit_spec_replaces_the_run_and_a_killed_fit_resumes(toy_run, monkeypatch):
+    work, _, _ = toy_run
+    monkeypatch.chdir(work)
+    changed = {"fit.audio-text.set.epochs": "8"}
+    result = run_pipeline("pipelines/toy.yaml", changed, progress=False, echo=lambda _: None)
+    fits = {s.name: s for s in result.steps if s.stage == "fit"}
+    assert fits["audio-text"].status == "ran" and "replace" in fits["audio-text"].detail
+    assert fits["image-text"].status == "cached"
+    # a run killed before it finished: no run.json, so the same plan resumes it
+    (work / "runs" / "toy" / "audio-text" / "run.json").unlink()
+    result = run_pipeline("pipelines/toy.yaml", changed, progress=False, echo=lambda _: None)
+    fits = {s.name: s for s in result.steps if s.stage == "fit"}
+    assert fits["audio-text"].status == "ran" and "resume" in fits["audio-text"].detail
+    again = run_pipeline("pipelines/toy.yaml", changed, progress=False, echo=lambda _: None)
+    assert all(s.status == "cached" for s in again.steps if s.stage in ("embed", "fit"))
