@@ -219,9 +219,9 @@ def _unset(value) -> set[str]:
     if isinstance(value, str):
         return {m.group(1) for m in ENV_PATTERN.finditer(value)}
     if isinstance(value, dict):
-        return set().union(set(), *(_unset(v) for v in value.values()))
+        return set().union(*(_unset(v) for v in value.values()))
     if isinstance(value, list):
-        return set().union(set(), *(_unset(v) for v in value))
+        return set().union(*(_unset(v) for v in value))
     return set()
 
 
@@ -264,13 +264,12 @@ def _missing_inputs(plan: dict) -> list[str]:
 
 # ---- running ------------------------------------------------------------------------------------
 def _store_of(plan: dict, embed_id: str) -> Path:
-    from alignpipe.manifest import read_manifest
+    """Where an embed step's store lives; the dataset name is the manifest's stem (no I/O)."""
     from alignpipe.store import store_path
 
     step = plan["embed"][embed_id]
-    manifest = plan["data"][step["data"]]["manifest"]
-    dataset = step.get("dataset") or read_manifest(manifest).name
-    return store_path(plan["cache"], dataset, str(step["encoder"]))
+    manifest = Path(plan["data"][step["data"]]["manifest"])
+    return store_path(plan["cache"], step.get("dataset") or manifest.stem, str(step["encoder"]))
 
 
 def _embed_kwargs(plan: dict, step: dict) -> dict:
@@ -323,7 +322,8 @@ class Runner:
             if Path(step["manifest"]).exists():
                 self.record("data", sid, "cached", detail=step["manifest"])
             elif self.dry_run:
-                self.record("data", sid, "would run", detail=f"make {step['make']['kind']}")
+                kind = (step.get("make") or {}).get("kind", "nothing: no make block")
+                self.record("data", sid, "would run", detail=f"make {kind}")
             else:
                 _, seconds = self.guarded("data", sid, make_manifest, step)
                 self.record("data", sid, "ran", seconds, step["manifest"])

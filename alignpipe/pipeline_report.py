@@ -23,6 +23,12 @@ def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
     return flat
 
 
+def headline_metrics(metrics: dict) -> dict[str, float]:
+    """The metrics worth a table row: top-1/top-5 accuracy and Recall@K."""
+    return {k: v for k, v in flatten_metrics(metrics).items()
+            if k in ("top1", "top5") or "R@" in k}
+
+
 def headline_rows(plan: dict, evals: list[dict]) -> list[list]:
     """One row per (eval, metric): ours, and the paper's number where the plan gives one."""
     references = defaultdict(list)
@@ -30,9 +36,7 @@ def headline_rows(plan: dict, evals: list[dict]) -> list[list]:
         references[(int(ref.get("eval", -1)), str(ref.get("metric")))].append(ref)
     rows = []
     for ev in evals:
-        for metric, value in flatten_metrics(ev["metrics"]).items():
-            if not (metric in ("top1", "top5") or "R@" in metric):
-                continue
+        for metric, value in headline_metrics(ev["metrics"]).items():
             refs = references.get((ev["index"], metric), [])
             paper = "; ".join(f"{r['value']} ({r.get('source', '?')})" for r in refs) or "–"
             rows.append([ev["index"], ev["kind"], ev["run"] or "identity", ev["split"], metric,

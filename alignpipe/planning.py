@@ -6,6 +6,7 @@ message naming every missing input, not a traceback half-way through.
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 from pathlib import Path
@@ -85,10 +86,12 @@ def make_manifest(step: dict) -> Path:
         make["shards"] = make.pop("source")
     if kind == "prompts" and "templates" in make:
         make["template_set"] = make.pop("templates")
-    try:
-        function(out=out, **make)
-    except TypeError as err:  # an option the builder does not take
-        raise AlignpipeError(f"make {kind}: {err}") from None
+    accepted = set(inspect.signature(function).parameters) - {"out"}
+    unknown = sorted(set(make) - accepted)
+    if unknown:
+        raise AlignpipeError(f"make {kind}: unknown option(s) {', '.join(unknown)}; it takes "
+                             f"{', '.join(sorted(accepted))}")
+    function(out=out, **make)
     return out
 
 

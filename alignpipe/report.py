@@ -54,16 +54,15 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def results_table(result) -> Table:
     """The headline metrics of a pipeline run, as printed at the end of `alignpipe run`."""
-    from alignpipe.pipeline_report import flatten_metrics
+    from alignpipe.pipeline_report import headline_metrics
 
     table = Table(title=f"results of {result.name} (percent)", title_justify="left")
     for column in ("eval", "run", "split", "metric", "value"):
         table.add_column(column, justify="right" if column == "value" else "left")
     for ev in result.evals:
-        for metric, value in flatten_metrics(ev["metrics"]).items():
-            if metric in ("top1", "top5") or "R@" in metric:
-                table.add_row(f"{ev['index']}:{ev['kind']}", ev["run"] or "identity",
-                              ev["split"], metric, f"{value:.2f}")
+        for metric, value in headline_metrics(ev["metrics"]).items():
+            table.add_row(f"{ev['index']}:{ev['kind']}", ev["run"] or "identity", ev["split"],
+                          metric, f"{value:.2f}")
     return table
 
 

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -105,11 +106,11 @@ class LatentStore:
     def attrs(self) -> dict:
         return dict(self.group.attrs)
 
-    @property
+    @cached_property
     def latents(self) -> zarr.Array:
-        return self.group["latents"]
+        return self.group["latents"]  # opened once: each lookup would reread its zarr.json
 
-    @property
+    @cached_property
     def valid(self) -> zarr.Array:
         return self.group["valid"]
 

@@ -159,3 +159,25 @@ def test_changed_fit_spec_replaces_the_run_and_a_killed_fit_resumes(toy_run, mon
     assert fits["audio-text"].status == "ran" and "resume" in fits["audio-text"].detail
     again = run_pipeline("pipelines/toy.yaml", changed, progress=False, echo=lambda _: None)
     assert all(s.status == "cached" for s in again.steps if s.stage in ("embed", "fit"))
+
+
+def test_unknown_make_option_is_named_and_builder_bugs_are_not_masked(tmp_path):
+    from alignpipe.errors import AlignpipeError
+    from alignpipe.planning import make_manifest
+
+    step = {"manifest": str(tmp_path / "p.parquet"),
+            "make": {"kind": "prompts", "classes": "imagenet", "tempaltes": "clip80"}}
+    with pytest.raises(AlignpipeError, match=r"make prompts: unknown option\(s\) tempaltes; "
+                                             r"it takes classes, template_set"):
+        make_manifest(step)
+    assert not (tmp_path / "p.parquet").exists()
+
+
+def test_dry_run_lists_a_manifest_nothing_can_make(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_plan(tmp_path, {"data": {"gone": {"manifest": "gone.parquet"}},
+                                 "embed": {"t": {"data": "gone", "encoder": "minilm"}}})
+    lines: list[str] = []
+    run_pipeline(path, dry_run=True, echo=lines.append)
+    assert "[missing] data.gone: manifest gone.parquet does not exist" in lines[0]
+    assert "[data] gone: would run  make nothing: no make block" in lines
