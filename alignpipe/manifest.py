@@ -9,6 +9,7 @@ row i of that manifest, so the file's bytes (its sha256) identify the row order.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,13 +114,12 @@ def _read_table(path: Path) -> pa.Table:
         if kind == "parquet":
             return pq.read_table(path)
         if kind in ("csv", "tsv"):
+            delimiter = "\t" if kind == "tsv" else ","
+            with open(path, newline="", encoding="utf-8") as handle:  # the header line only
+                header = next(csv.reader(handle, delimiter=delimiter), [])
             # Every column as a string: ids like 000123 must not become integers.
-            header = pacsv.read_csv(
-                path, parse_options=pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ","),
-                read_options=pacsv.ReadOptions(block_size=1 << 16)).column_names
             return pacsv.read_csv(
-                path,
-                parse_options=pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ","),
+                path, parse_options=pacsv.ParseOptions(delimiter=delimiter),
                 convert_options=pacsv.ConvertOptions(
                     column_types={c: pa.string() for c in header},
                     strings_can_be_null=True, quoted_strings_can_be_null=False),
