@@ -60,8 +60,12 @@ def _captions(entry: dict) -> list[str] | None:
 def _entry_problem(entry: object, need_filepath: bool, per_image: int) -> str | None:
     if not isinstance(entry, dict):
         return "is not an object"
-    keys = ["filename", "split", "sentences"] + (["filepath"] if need_filepath else [])
-    absent = [k for k in keys if not isinstance(entry.get(k), (str, list)) or entry.get(k) == ""]
+    keys = {"filename": str, "split": str, "sentences": list}
+    if need_filepath:
+        keys["filepath"] = str
+    # A wrong type (a list as filename, a number as split) would crash later with a TypeError.
+    absent = [k for k, kind in keys.items() if not isinstance(entry.get(k), kind)
+              or entry.get(k) == ""]
     if absent:
         return f"has no {', '.join(repr(k) for k in absent)}"
     if entry["split"] not in KARPATHY_SPLITS:
@@ -69,8 +73,9 @@ def _entry_problem(entry: object, need_filepath: bool, per_image: int) -> str | 
     captions = _captions(entry)
     if captions is None:
         return "has malformed 'sentences' (expected objects with 'raw' or 'tokens')"
-    if sum(1 for c in captions if c) < per_image:
-        return f"has {sum(1 for c in captions if c)} non-empty captions, fewer than {per_image}"
+    non_empty = sum(1 for c in captions if c)
+    if non_empty < per_image:
+        return f"has {non_empty} non-empty captions, fewer than {per_image}"
     return None
 
 
