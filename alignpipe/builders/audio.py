@@ -26,6 +26,7 @@ from alignpipe.builders._common import (
     CheckPolicy,
     Rows,
     finish,
+    has_ext,
     listing,
     manifest_dir_of,
     media_cell,
@@ -49,7 +50,7 @@ class AudioIndex:
             for folder, dirs, files in os.walk(root):
                 dirs.sort()
                 for name in sorted(files):
-                    if os.path.splitext(name)[1].lower() in AUDIO_EXTS:
+                    if has_ext(name, AUDIO_EXTS):
                         path = Path(folder, name)
                         self.by_key[name].append(path)
                         self.by_key[os.path.splitext(name)[0]].append(path)
@@ -108,9 +109,10 @@ def _split_files(source: Path, patterns: dict[str, tuple[str, ...]], what: str,
         return [(split, source)]
     if not source.is_dir():
         raise ManifestError(f"{source}: captions folder or CSV not found")
+    csvs = sorted(source.glob("*.csv"))
     found = []
     for split in patterns:
-        matches = sorted(p for p in source.glob("*.csv") if split_of(p) == split)
+        matches = [p for p in csvs if split_of(p) == split]
         if len(matches) > 1:
             raise ManifestError(f"{source}: several {split} CSVs: "
                                 f"{', '.join(p.name for p in matches)}; pass the one to use")

@@ -215,12 +215,14 @@ def shard_paths(spec: str | Path, check: CheckPolicy) -> tuple[list[Path], int]:
             raise ManifestError(f"{text}: no .tar shards in this folder")
     else:
         paths = [Path(text)]
-    missing = [p for p in paths if not p.is_file()]
+    is_file = [p.is_file() for p in paths]  # one stat per shard
+    present = [p for p, ok in zip(paths, is_file, strict=True) if ok]
+    missing = [str(p) for p, ok in zip(paths, is_file, strict=True) if not ok]
     if missing and check != "skip":
         raise ManifestError(f"{text}: {len(missing)} of {len(paths)} shard(s) missing: "
-                            f"{listing([str(p) for p in missing])}. Tars must exist to list their "
+                            f"{listing(missing)}. Tars must exist to list their "
                             "members; pass --skip-missing to leave missing shards out")
-    return [p for p in paths if p.is_file()], len(missing)
+    return present, len(missing)
 
 
 def _sample_key(member: str) -> tuple[str, str]:
