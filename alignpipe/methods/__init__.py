@@ -64,7 +64,10 @@ def method_spec(name: str) -> MethodSpec:
 def create_method(name: str, config: dict, dim_a: int, dim_b: int) -> Method:
     """Build a method from a resolved config (unknown keys are ignored here; fit.py checks)."""
     spec = method_spec(name)
-    return spec.build({**spec.defaults, **config}, dim_a, dim_b)
+    try:
+        return spec.build({**spec.defaults, **config}, dim_a, dim_b)
+    except ValueError as err:  # a config value the heads refuse (temperature range, alpha, topk)
+        raise AlignpipeError(f"method {name} config: {err}") from None
 
 
 # Registration happens on import; keep these last so the decorator exists.
