@@ -19,8 +19,9 @@ from alignpipe.errors import AlignpipeError
 from alignpipe.latents import (
     as_store,
     check_encoder,
-    check_same_manifest,
+    first_rows,
     media_items,
+    open_pair,
     read_rows,
     resolve_device,
     split_rows,
@@ -87,10 +88,6 @@ def _encode_rows(encode, store: LatentStore, rows: np.ndarray, device: torch.dev
     return encode(store, latents)
 
 
-def _first_rows(items: np.ndarray) -> np.ndarray:
-    return np.unique(items, return_index=True)[1]
-
-
 def _split_note(manifest, split: str) -> str:
     return split if manifest.has("split") else f"all rows ({manifest.path.name} has no split)"
 
@@ -99,12 +96,7 @@ def _split_note(manifest, split: str) -> str:
 def eval_retrieval(run, store_a, store_b, *, split: str = "test", identity: bool = False,
                    output=None, device=None) -> dict:
     """R@1/5/10 both ways; rows sharing a media item are one item (any of its captions hits)."""
-    a, b = as_store(store_a), as_store(store_b)
-    check_same_manifest([a, b])
-    if a.modality == b.modality:
-        raise AlignpipeError(f"{a.path} and {b.path} both hold {a.modality} latents; retrieval "
-                             f"goes between two modalities")
-    manifest = store_manifest(a)
+    a, b, manifest = open_pair(store_a, store_b)
     dev = resolve_device(device)
     encode, info = open_space(run, identity, [a, b], dev)
     rows = split_rows(manifest, split)
@@ -114,8 +106,8 @@ def eval_retrieval(run, store_a, store_b, *, split: str = "test", identity: bool
                              f"{b.path}")
     items_a = media_items(manifest, a.modality, kept)
     items_b = media_items(manifest, b.modality, kept)
-    enc_a = _encode_rows(encode, a, kept[_first_rows(items_a)], dev)
-    enc_b = _encode_rows(encode, b, kept[_first_rows(items_b)], dev)
+    enc_a = _encode_rows(encode, a, kept[first_rows(items_a)], dev)
+    enc_b = _encode_rows(encode, b, kept[first_rows(items_b)], dev)
     forward, backward = encoded_ranks(enc_a, enc_b, items_a, items_b, chunk=QUERY_CHUNK)
     ab, ba = f"{a.modality}_to_{b.modality}", f"{b.modality}_to_{a.modality}"
     result = {ab: recalls_from_ranks(forward), ba: recalls_from_ranks(backward)}
@@ -232,7 +224,7 @@ def eval_zeroshot(run, query_store, prompts_store, *, split: str = "test",
     valid, _ = valid_rows([q], rows)
     if valid.size == 0:
         raise AlignpipeError(f"no valid rows of split {split!r} in {q.path}")
-    kept = valid[_first_rows(media_items(q_manifest, q.modality, valid))]  # each item once
+    kept = valid[first_rows(media_items(q_manifest, q.modality, valid))]  # each item once
     labels = torch.as_tensor(_query_labels(q_manifest, kept, names))
     enc_q = _encode_rows(encode, q, kept, dev)
     enc_p = _encode_rows(encode, p, prompt_rows, dev)

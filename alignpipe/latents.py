@@ -124,6 +124,11 @@ def valid_rows(stores: list[LatentStore], rows: np.ndarray) -> tuple[np.ndarray,
     return rows[keep], lost
 
 
+def first_rows(items: np.ndarray) -> np.ndarray:
+    """Index of the first row of each item, in item order (items are numbered 0..n-1)."""
+    return np.unique(items, return_index=True)[1]
+
+
 def media_items(manifest: Manifest, modality: str, rows: np.ndarray) -> np.ndarray:
     """Item number per row: rows with the same media path are one item (captions are not)."""
     if modality not in PATH_COLUMNS or not manifest.has(modality):

@@ -24,6 +24,7 @@ from alignpipe.fit.runfolder import (
     read_metrics,
     save_tensors,
 )
+from alignpipe.latents import first_rows
 from alignpipe.methods.base import Pairs
 from alignpipe.metrics import encoded_retrieval
 
@@ -314,11 +315,6 @@ def _plot_curves(out: Path, history: list[dict], names: tuple[str, str]) -> None
 # ---- validation ---------------------------------------------------------------------------------
 def direction_names(names: tuple[str, str]) -> tuple[str, str]:
     return f"{names[0]}_to_{names[1]}", f"{names[1]}_to_{names[0]}"
-
-
-def first_rows(items: np.ndarray) -> np.ndarray:
-    """Index of the first row of each item, in item order (items are numbered 0..n-1)."""
-    return np.unique(items, return_index=True)[1]
 
 
 def validate(method, val: Pairs, names: tuple[str, str]) -> dict:
