@@ -199,7 +199,7 @@ def embed(manifest, encoder: str, cache="cache", *, dataset=None, column=None, w
     FailureRateError (after the store is finished) when more than `max_failure_rate` of the
     rows failed.
     """
-    from alignpipe.embed.runner import Job, run_job
+    from alignpipe.embed.runner import Job, remember_manifest, run_job
 
     began = time.perf_counter()
     manifest = _manifest(manifest)
@@ -231,6 +231,7 @@ def embed(manifest, encoder: str, cache="cache", *, dataset=None, column=None, w
               image_size=image_size, pooling=pooling, device=device, dtype=dtype,
               batch_size=batch, workers=decoders,
               decode_timeout=decode_timeout or DECODE_TIMEOUT_S)
+    remember_manifest(job, manifest)
     outcome = run_job(job, request, store, unit_rows=unit_rows, cluster=cluster,
                       scheduler=scheduler, progress=progress)
     summary = _summary(outcome, began, encoder)

@@ -9,7 +9,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from alignpipe.embed.engine import UnitRunner, UnitStats
 from alignpipe.encoders import Encoder, load_encoder
@@ -72,6 +73,13 @@ def clear_encoder_cache() -> None:
     """Drop the cached encoder (kept so that consecutive embeds of one model load it once)."""
     with _CACHE_LOCK:
         _ENCODERS.clear()
+
+
+def remember_manifest(job: Job, manifest: Manifest) -> None:
+    """Seed this process's cache with the manifest the caller has just read and hashed, so
+    it is not read and hashed again; its path is made absolute like a re-read's would be."""
+    with _CACHE_LOCK:
+        _MANIFESTS[job.manifest] = replace(manifest, path=Path(job.manifest))
 
 
 def job_manifest(job: Job) -> Manifest:
@@ -166,7 +174,7 @@ def progress_bar(job: Job, store: LatentStore, skipped: int,
         def render(self, task) -> Text:
             return Text(f"{task.speed or 0:,.0f} rows/s")
 
-    done_rows = sum(store.unit_range(u)[1] - store.unit_range(u)[0] for u in store.done_units())
+    done_rows = sum(stop - start for start, stop in map(store.unit_range, store.done_units()))
     note = f" ({skipped} units already done)" if skipped else ""
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   RowsPerSecond(), TimeElapsedColumn(), TimeRemainingColumn(),
