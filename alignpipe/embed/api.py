@@ -179,7 +179,10 @@ def embed_status(manifest, encoder: str, cache="cache", *, dataset=None, column=
 def _defaults(request: Request, batch_size, workers, device) -> tuple[int, int]:
     import torch
 
-    on_gpu = device is None and torch.cuda.is_available() or str(device).startswith("cuda")
+    # "auto" means the best device, as in resolve_device; not resolved here, since under
+    # --scheduler this machine may have no GPU while the workers do.
+    on_gpu = (str(device).startswith("cuda")
+              or device in (None, "auto") and torch.cuda.is_available())
     batch = batch_size or (request.spec.batch_size if on_gpu
                            else min(request.spec.batch_size, CPU_BATCH_CAP))
     decoders = workers or max(1, min(32, os.cpu_count() or 1))
