@@ -71,9 +71,12 @@ def mutual_knn(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, k: in
         raise ValueError("mutual kNN needs the same rows on both sides")
     if not 1 <= k < x.shape[0]:
         raise AlignpipeError(f"mutual kNN needs 1 ≤ k < rows ({x.shape[0]}), got k={k}")
-    nx, ny = knn_indices(x, k), knn_indices(y, k)
+    return _shared_fraction(knn_indices(x, k), knn_indices(y, k))
+
+
+def _shared_fraction(nx: torch.Tensor, ny: torch.Tensor) -> float:
     shared = (nx[:, :, None] == ny[:, None, :]).any(dim=2).sum(dim=1)
-    return float(shared.double().mean() / k)
+    return float(shared.double().mean() / nx.shape[1])
 
 
 def _sample_rows(stores, manifest, sample: int, seed: int) -> tuple[np.ndarray, int]:
@@ -109,12 +112,15 @@ def similarity(stores: list, *, sample: int = 5000, k: int = 10, seed: int = 0,
     rows, eligible = _sample_rows(opened, manifest, sample, seed)
     k = min(k, rows.size - 1)
     latents = [torch.from_numpy(read_rows(s, rows)) for s in opened]
+    if k < 1:
+        raise AlignpipeError(f"mutual kNN needs 1 ≤ k < rows ({rows.size}), got k={k}")
+    neighbours = [knn_indices(x, k) for x in latents]  # once per store, not once per pair
     n = len(opened)
     cka, knn = np.eye(n), np.eye(n)
     for i in range(n):
         for j in range(i + 1, n):
             cka[i, j] = cka[j, i] = linear_cka(latents[i], latents[j])
-            knn[i, j] = knn[j, i] = mutual_knn(latents[i], latents[j], k)
+            knn[i, j] = knn[j, i] = _shared_fraction(neighbours[i], neighbours[j])
     result = {"stores": [str(s.path) for s in opened], "names": _names(opened),
               "modalities": [s.modality for s in opened],
               "encoders": [s.encoder.get("name") for s in opened],
