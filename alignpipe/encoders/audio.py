@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from alignpipe.encoders.base import check_pooling, freeze
+from alignpipe.encoders.base import check_pooling, freeze, masked_mean
 from alignpipe.encoders.hf import load_hf_model, processor_source
 from alignpipe.encoders.registry import EncoderError, EncoderSpec
 from alignpipe.encoders.weights import WeightsSource
@@ -47,6 +47,9 @@ class _AudioAdapter:
 
     def wave(self, value: MediaRef) -> np.ndarray:
         return centre_crop(load_audio(value, self.sample_rate), self.max_samples)
+
+    def collate(self, items: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        return {"features": torch.from_numpy(np.stack(items))}
 
     def describe(self) -> dict:
         keep = ("feature_extractor_type", "sampling_rate", "feature_size", "hop_length",
@@ -88,8 +91,7 @@ class WhisperAudioEncoder(_AudioAdapter):
         # The encoder's stride-2 conv halves the mel frames: output frame j covers 2j, 2j+1.
         real = ((batch["frames"] + 1) // 2).clamp(min=1, max=hidden.shape[1])
         mask = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < real[:, None]
-        weights = mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * weights).sum(1) / weights.sum(1)
+        return masked_mean(hidden, mask)
 
 
 class ASTAudioEncoder(_AudioAdapter):
@@ -108,9 +110,6 @@ class ASTAudioEncoder(_AudioAdapter):
         feats = self.extractor(self.wave(value), sampling_rate=self.sample_rate,
                                return_tensors="np")
         return feats["input_values"][0]
-
-    def collate(self, items: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        return {"features": torch.from_numpy(np.stack(items))}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self.model(input_values=batch["features"])
@@ -137,9 +136,6 @@ class ClapAudioEncoder(_AudioAdapter):
         feats = self.extractor(self.wave(value), sampling_rate=self.sample_rate,
                                return_tensors="np")
         return feats["input_features"][0]
-
-    def collate(self, items: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        return {"features": torch.from_numpy(np.stack(items))}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         features = batch["features"]
