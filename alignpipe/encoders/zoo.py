@@ -93,20 +93,21 @@ def minilm() -> EncoderSpec:
 
 
 # ---- audio --------------------------------------------------------------------------------------
+def _whisper(name: str, size: str, dim: int, batch: int) -> EncoderSpec:
+    return EncoderSpec(
+        name=name, backend="hf-whisper", model_id=f"openai/whisper-{size}",
+        modality="audio", pooling="mean", dim=dim, sample_rate=16000, max_seconds=30.0,
+        batch_size=batch, description=f"Whisper {size} encoder, mean over frames of real audio")
+
+
 @register_encoder
 def whisper() -> EncoderSpec:
-    return EncoderSpec(
-        name="whisper", backend="hf-whisper", model_id="openai/whisper-large-v3",
-        modality="audio", pooling="mean", dim=1280, sample_rate=16000, max_seconds=30.0,
-        batch_size=32, description="Whisper large-v3 encoder, mean over frames of real audio")
+    return _whisper("whisper", "large-v3", 1280, 32)
 
 
 @register_encoder
 def whisper_b() -> EncoderSpec:
-    return EncoderSpec(
-        name="whisper-b", backend="hf-whisper", model_id="openai/whisper-base",
-        modality="audio", pooling="mean", dim=512, sample_rate=16000, max_seconds=30.0,
-        batch_size=64, description="Whisper base encoder, mean over frames of real audio")
+    return _whisper("whisper-b", "base", 512, 64)
 
 
 @register_encoder
