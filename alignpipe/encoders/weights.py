@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignpipe.encoders.registry import EncoderError, EncoderSpec
+from alignpipe.manifest import file_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npz", ".h5", ".msgpack")
 RANDOM = "random"
@@ -49,13 +50,10 @@ def _file_sha256(path: Path) -> str:
     with _SHA_LOCK:
         if key in _SHA_CACHE:
             return _SHA_CACHE[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
+    digest = file_sha256(path, block=1 << 22)
     with _SHA_LOCK:
-        _SHA_CACHE[key] = digest.hexdigest()
-    return _SHA_CACHE[key]
+        _SHA_CACHE[key] = digest
+    return digest
 
 
 def weight_files(folder: Path) -> list[Path]:
