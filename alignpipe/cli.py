@@ -363,6 +363,13 @@ def eval_zeroshot(
     console.print(zeroshot_table(result))
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise AlignpipeError(f"{option} takes comma-separated integers, got {text!r}") from None
+
+
 @bench_app.command("fit")
 @friendly
 def bench_fit(
@@ -383,10 +390,10 @@ def bench_fit(
     from alignpipe.report import bench_table
 
     if quality:
-        table = run_quality([int(s) for s in sizes.split(",")], device=device, echo=console.print)
+        table = run_quality(_int_list(sizes, "--sizes"), device=device, echo=console.print)
         console.print(table, markup=False, highlight=False)
         return
-    parsed = tuple(int(d) for d in dims.split(",")) if dims else None
+    parsed = tuple(_int_list(dims, "--dims")) if dims else None
     console.print(bench_table(run_fit_bench(
         device=device, quick=quick, method=method, rows=rows, batch_size=batch_size, dims=parsed,
         peak_tflops=peak_tflops)))
