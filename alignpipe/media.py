@@ -13,6 +13,7 @@ import os
 import re
 import tarfile
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,20 +67,26 @@ class _TarIndex:
             for info in archive:
                 if info.isfile():
                     self.members[info.name] = (info.offset_data, info.size)
-        self.fd = os.open(path, os.O_RDONLY)
 
     def read(self, member: str) -> bytes:
         if member not in self.members:
             raise MediaError(f"no member {member!r} in archive {self.path}")
         offset, size = self.members[member]
-        data = os.pread(self.fd, size, offset)  # pread: safe from many threads on one fd
+        # A descriptor per read, not per archive: webdataset sets run to thousands of shards,
+        # past the open-file limit, and an evicted index must not close a descriptor in use.
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
         if len(data) != size:
             raise MediaError(f"archive {self.path} is truncated inside member {member!r}")
         return data
 
 
-_TAR_INDEXES: dict[tuple[str, int, int], _TarIndex] = {}
+_TAR_INDEXES: OrderedDict[tuple[str, int, int], _TarIndex] = OrderedDict()
 _TAR_LOCK = threading.Lock()
+TAR_INDEXES_KEPT = 64  # rows are grouped by shard, so a worker needs only the last few
 
 
 def _tar_index(path: Path) -> _TarIndex:
@@ -92,7 +99,9 @@ def _tar_index(path: Path) -> _TarIndex:
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     with _TAR_LOCK:  # one indexing pass per archive, even when many threads ask at once
         index = _TAR_INDEXES.get(key)
-        if index is None:
+        if index is not None:
+            _TAR_INDEXES.move_to_end(key)
+        else:
             try:
                 index = _TarIndex(path)
             except tarfile.ReadError as err:
@@ -101,6 +110,8 @@ def _tar_index(path: Path) -> _TarIndex:
             except OSError as err:
                 raise MediaError(f"cannot read archive {path}: {err}") from None
             _TAR_INDEXES[key] = index
+            while len(_TAR_INDEXES) > TAR_INDEXES_KEPT:  # memory stays flat in shard count
+                _TAR_INDEXES.popitem(last=False)
         return index
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tarfile
 from pathlib import Path
 
@@ -198,3 +199,24 @@ def test_bench_embed_reports_all_three_loops_and_ratios():
         assert rows[name]["unit"] == "rows/s" and rows[name]["value"] > 0
     naive = rows["naive decode→forward loop"]["value"]
     assert rows["embed / naive loop"]["value"] == pytest.approx(rows["embed"]["value"] / naive)
+
+
+def test_tar_shards_keep_memory_and_descriptors_bounded(tmp_path, monkeypatch):
+    from alignpipe import media
+
+    monkeypatch.setattr(media, "TAR_INDEXES_KEPT", 2)
+    monkeypatch.setattr(media, "_TAR_INDEXES", media.OrderedDict())
+    payloads = {}
+    for n in range(5):
+        shard = tmp_path / f"{n:05d}.tar"
+        member = tmp_path / f"m{n}.txt"
+        member.write_bytes(f"payload {n}".encode())
+        with tarfile.open(shard, "w") as archive:
+            archive.add(member, arcname="m.txt")
+        payloads[shard] = f"payload {n}".encode()
+    open_before = len(os.listdir("/proc/self/fd"))
+    for _ in range(2):
+        for shard, payload in payloads.items():
+            assert media.read_bytes(media.MediaRef(shard, "m.txt")) == payload
+    assert len(media._TAR_INDEXES) == 2  # only the most recent shards stay indexed
+    assert len(os.listdir("/proc/self/fd")) == open_before  # no descriptor left open
