@@ -7,7 +7,6 @@ plot beside it; every number is a percentage. Ties count against the query (see 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from alignpipe.errors import AlignpipeError
+from alignpipe.fsutil import atomic_write_json
 from alignpipe.latents import (
     as_store,
     check_encoder,
@@ -136,9 +136,7 @@ def _output_path(output, run, stem: str) -> Path:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    atomic_write_json(path, data)
 
 
 def _write_retrieval(path: Path, result: dict, curves: dict, directions: tuple[str, str]):

@@ -21,6 +21,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from alignpipe.errors import ManifestError, format_rows
+from alignpipe.fsutil import atomic_path
 
 MEDIA_COLUMNS = ("image", "text", "audio")
 PATH_COLUMNS = ("image", "audio")
@@ -197,8 +198,6 @@ def read_manifest(path: str | Path) -> Manifest:
 def write_manifest(table: pa.Table, path: str | Path) -> Path:
     """Write a manifest as parquet, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path

@@ -92,12 +92,14 @@ def _save_png(fig, plt, path) -> None:
     """Write a figure atomically (a reader never sees half a PNG)."""
     from pathlib import Path
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
+    from alignpipe.fsutil import atomic_path
+
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(Path(path)) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 def plot_fit_curves(path, history: list[dict], names: tuple[str, str]) -> None:

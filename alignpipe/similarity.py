@@ -12,7 +12,6 @@ captions of one image do not count as five neighbours):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from alignpipe.errors import AlignpipeError
+from alignpipe.fsutil import atomic_write_json
 from alignpipe.latents import (
     as_store,
     check_same_manifest,
@@ -135,9 +135,7 @@ def _write(path: Path, result: dict) -> None:
     from alignpipe.report import plot_similarity
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    atomic_write_json(path, result)
     plot_similarity(path.with_suffix(".png"), result["names"],
                     {"linear_cka": result["linear_cka"],
                      f"mutual_knn (k={result['k']})": result["mutual_knn"]})

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -37,6 +36,7 @@ import zarr
 
 from alignpipe import __version__
 from alignpipe.errors import StoreError
+from alignpipe.fsutil import atomic_path, atomic_write_bytes
 from alignpipe.manifest import Manifest
 
 DEFAULT_UNIT_ROWS = 8192
@@ -68,15 +68,6 @@ def chunk_rows_for(unit_rows: int, dim: int, itemsize: int) -> int:
     return 1
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-
-
 def write_failures(path: Path, failures: list[dict]) -> None:
     """Write failure records (id, row, column, reason) as parquet, atomically."""
     table = pa.table({
@@ -85,9 +76,8 @@ def write_failures(path: Path, failures: list[dict]) -> None:
         "column": pa.array([str(f["column"]) for f in failures], pa.string()),
         "reason": pa.array([str(f["reason"]) for f in failures], pa.string()),
     })
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def read_failures(path: Path) -> list[dict]:
@@ -208,7 +198,7 @@ class LatentStore:
         write_failures(self._unit_failures(unit), failures or [])
         marker = {"unit": unit, "rows": [start, stop], "valid": int(valid.sum()),
                   "failed": len(failures or []), "finished": time.time(), **(stats or {})}
-        _atomic_write_bytes(self._marker(unit), json.dumps(marker).encode())
+        atomic_write_bytes(self._marker(unit), json.dumps(marker).encode())
 
     def unit_marker(self, unit: int) -> dict:
         return json.loads(self._marker(unit).read_text()) if self.is_done(unit) else {}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from alignpipe.errors import AlignpipeError
 from alignpipe.fit.config import resolve_config
+from alignpipe.fsutil import atomic_path, atomic_write_bytes
 from alignpipe.latents import as_store, encoder_identity, resolve_device, storage_dtype
 from alignpipe.methods import create_method
 
@@ -63,20 +62,14 @@ def run_identity(method: str, config: dict, a, b) -> dict:
 
 
 def _atomic_write(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data.encode() if isinstance(data, str) else data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
     """safetensors, atomically: a kill leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={k: str(v) for k, v in (metadata or {}).items()})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
 def read_identity(out: Path) -> dict | None:
