@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from alignpipe.errors import AlignpipeError
+from alignpipe.fsutil import DiskError, describe_os_error
 
 app = typer.Typer(
     name="alignpipe",
@@ -52,6 +53,15 @@ def friendly(fn):
         except KeyboardInterrupt:
             err_console.print("interrupted; finished work units are kept, rerun to resume")
             raise typer.Exit(code=130) from None
+        except OSError as err:
+            # A full disk, a read-only folder or missing permissions is the user's to fix, not
+            # a bug: one line naming the path. Any other OSError keeps its traceback.
+            message = describe_os_error(err)
+            if message is None:
+                raise
+            err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(code=DiskError.exit_code) from None
 
     return wrapper
 
