@@ -7,7 +7,8 @@ A store is a Zarr v3 group at ``<cache>/<dataset>/<encoder>/`` holding
 - ``valid``: rows, bool; false for rows whose media failed (see ``failures.parquet``).
 - ``units/``: a subgroup whose folder holds one ``NNNNN.done`` marker per completed work unit and
   that unit's failures; a rerun skips marked units.
-- group attrs: ``encoder`` (provenance), ``modality``, ``manifest`` (path, sha256, rows),
+- group attrs: ``encoder`` (provenance), ``modality``, ``manifest`` (path, sha256, rows, and
+  relative_path from the store when both lie under one folder),
   ``alignpipe_version``, ``created``, ``unit_rows``.
 
 Row i of the store is row i of its manifest. ``zarr.open_group(path)["latents"]`` and
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -55,6 +57,23 @@ def encoder_dirname(name: str) -> str:
 
 def store_path(cache: str | Path, dataset: str, encoder: str) -> Path:
     return Path(cache) / dataset / encoder_dirname(encoder)
+
+
+def manifest_attrs(path: Path, manifest_info: dict) -> dict:
+    """The store's ``manifest`` attr: `manifest_info` plus ``relative_path`` from the store folder
+    to the manifest when the two share a folder below the filesystem root, so that moving both
+    together (a copied project, a renamed checkout) keeps the store usable."""
+    info = {k: v for k, v in manifest_info.items() if k != "relative_path"}
+    if not info.get("path"):
+        return info
+    store, manifest = Path(path).resolve(), Path(info["path"]).resolve()
+    try:
+        common = Path(os.path.commonpath([store, manifest]))
+    except ValueError:  # different drives
+        return info
+    if common != Path(common.anchor):
+        info["relative_path"] = os.path.relpath(manifest, store)
+    return info
 
 
 def chunk_rows_for(unit_rows: int, dim: int, itemsize: int) -> int:
@@ -302,7 +321,7 @@ def create_store(path: str | Path, *, rows: int, dim: int, encoder: dict, modali
     attrs = {
         "encoder": {**encoder, "dim": dim},
         "modality": modality,
-        "manifest": manifest_info,
+        "manifest": manifest_attrs(path, manifest_info),
         "alignpipe_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "unit_rows": unit_rows,
