@@ -4,6 +4,10 @@ Ties are counted against the query (pessimistic): a wrong candidate that scores 
 as the best correct one ranks above it. A constant scorer therefore gets R@K = 0 unless K
 reaches past every wrong candidate, instead of getting credit for the order rows came in.
 
+A score that is not finite (NaN, +inf or -inf, e.g. from a diverged run) is a miss: it ranks below
+every finite score, and ties with the other non-finite ones count against the query as above. So
+all-NaN encodings give R@K = 0 (unless K reaches every candidate) and every class rank last.
+
 Every percentage is of queries: ``100 · hits / queries``.
 """
 
@@ -15,22 +19,33 @@ import numpy as np
 import torch
 
 TIE_RULE = ("pessimistic: a wrong candidate scoring exactly as high as the best correct one "
-            "ranks above it")
+            "ranks above it; a non-finite score ranks below every finite one")
 RETRIEVAL_KS = (1, 5, 10)
 ZEROSHOT_KS = (1, 5)
+
+
+def finite_scores(scores: torch.Tensor) -> torch.Tensor:
+    """`scores` with every NaN and ±inf replaced by -inf: the worst score there is.
+
+    A NaN compares false with everything, so `scores >= best` would rank a NaN positive first.
+    """
+    return torch.where(torch.isfinite(scores), scores,
+                       torch.full((), -torch.inf, dtype=scores.dtype, device=scores.device))
 
 
 def positive_ranks(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     """1-based rank of each query's best-scoring positive among its candidates.
 
     `scores` is queries × candidates; `positives` a bool mask of the same shape with at least one
-    True per row. Rank = 1 + number of negatives scoring ≥ the best positive (pessimistic ties).
+    True per row. Rank = 1 + number of negatives scoring ≥ the best positive (pessimistic ties);
+    non-finite scores count as -inf, so a query whose positives are all non-finite ranks last.
     """
     if positives.shape != scores.shape:
         raise ValueError(f"positives {tuple(positives.shape)} must match scores "
                          f"{tuple(scores.shape)}")
     if scores.shape[0] and not bool(positives.any(dim=1).all()):
         raise ValueError("every query needs at least one positive candidate")
+    scores = finite_scores(scores)
     best = scores.masked_fill(~positives, -torch.inf).amax(dim=1, keepdim=True)
     return 1 + ((scores >= best) & ~positives).sum(dim=1)
 
@@ -104,7 +119,11 @@ def chunked_ranks(score_rows, links: Links, chunk: int = 4096) -> torch.Tensor:
 
 # ---- zero-shot ----------------------------------------------------------------------------------
 def class_ranks(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """1-based rank of the true class: 1 + classes scoring ≥ it (pessimistic ties)."""
+    """1-based rank of the true class: 1 + classes scoring ≥ it (pessimistic ties).
+
+    Non-finite scores count as -inf: a non-finite true score ranks last.
+    """
+    scores = finite_scores(scores)
     true = scores.gather(1, labels.view(-1, 1))
     return (scores >= true).sum(dim=1)
 
@@ -114,6 +133,7 @@ def pessimistic_predictions(scores: torch.Tensor, labels: torch.Tensor) -> torch
 
     Consistent with `class_ranks`: the prediction equals the label exactly when its rank is 1.
     """
+    scores = finite_scores(scores)
     top = scores == scores.amax(dim=1, keepdim=True)
     wrong_top = top.clone()
     wrong_top[torch.arange(scores.shape[0]), labels] = False
@@ -145,6 +165,18 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, n: int) ->
 
 
 # ---- on encodings -------------------------------------------------------------------------------
+def nonfinite_rows(enc) -> int:
+    """How many rows of an encoding (dense tensor or `SparseRows`) hold a NaN or inf."""
+    from alignpipe.methods.space import SparseRows
+
+    if isinstance(enc, SparseRows):
+        bad = ~torch.isfinite(enc.values)
+        return int(torch.unique(enc.row_ids()[bad]).numel()) if bool(bad.any()) else 0
+    if enc.numel() == 0:
+        return 0
+    return int((~torch.isfinite(enc)).reshape(enc.shape[0], -1).any(dim=1).sum())
+
+
 def encoded_ranks(enc_a, enc_b, items_a: np.ndarray, items_b: np.ndarray,
                   chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Ranks a→b per item of a and b→a per item of b.
