@@ -10,14 +10,17 @@ row i of that manifest, so the file's bytes (its sha256) identify the row order.
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
+import json
+import sys
+import unicodedata
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from alignpipe.errors import ManifestError, format_rows
@@ -26,6 +29,10 @@ from alignpipe.fsutil import atomic_path
 MEDIA_COLUMNS = ("image", "text", "audio")
 PATH_COLUMNS = ("image", "audio")
 SPLITS = ("train", "val", "test")
+# Columns read as exact strings (everything else is kept as stored).
+STRING_COLUMNS = ("id", *MEDIA_COLUMNS, "label", "split", "class_id")
+# Unicode categories a tokenizer drops: control (NUL), format (zero-width space, BOM), separators.
+BLANK_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
 SUFFIXES = {
     ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
 }
@@ -115,36 +122,207 @@ def _read_table(path: Path) -> pa.Table:
         if kind == "parquet":
             return pq.read_table(path)
         if kind in ("csv", "tsv"):
-            delimiter = "\t" if kind == "tsv" else ","
-            with open(path, newline="", encoding="utf-8") as handle:  # the header line only
-                header = next(csv.reader(handle, delimiter=delimiter), [])
-            # Every column as a string: ids like 000123 must not become integers.
-            return pacsv.read_csv(
-                path, parse_options=pacsv.ParseOptions(delimiter=delimiter),
-                convert_options=pacsv.ConvertOptions(
-                    column_types={c: pa.string() for c in header},
-                    strings_can_be_null=True, quoted_strings_can_be_null=False),
-            )
-        return pajson.read_json(path)
+            return _read_delimited(path, "\t" if kind == "tsv" else ",", kind.upper())
+        return _read_jsonl(path)
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest file not found") from None
-    except (pa.ArrowInvalid, OSError, ValueError) as err:
+    except (pa.ArrowException, OSError, ValueError) as err:
         raise ManifestError(f"{path}: cannot read manifest as {kind}: {err}") from None
 
 
-def _as_strings(table: pa.Table, name: str) -> pa.Table:
+def _not_utf8(path: Path) -> ManifestError:
+    """The error for a text manifest that is not UTF-8, naming the line of the first bad byte
+    (the decoder works on blocks, so the file is read again to find it)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        return ManifestError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start})")
+    return ManifestError(f"{path}: not UTF-8 text")
+
+
+def _duplicate_names(path: Path, names: list[str]) -> None:
+    seen = set()
+    twice = [n for n in names if n in seen or seen.add(n)]  # type: ignore[func-returns-value]
+    known = sorted({n for n in twice if n in STRING_COLUMNS})
+    if known:
+        raise ManifestError(f"{path}: column {known[0]!r} appears more than once in the header "
+                            f"(columns: {', '.join(names)})")
+
+
+@contextmanager
+def _no_gc():
+    """Millions of small lists and tuples make the cyclic GC run over and over (2.4x slower
+    parsing); none of them can form a cycle, so pause it while they are built."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _read_delimited(path: Path, delimiter: str, kind: str) -> pa.Table:
+    """A CSV/TSV with a header line, every cell the exact string in the file.
+
+    Nothing is inferred: ``000123`` stays ``"000123"`` and ``NA``/``null``/``nan`` stay text; only
+    an empty cell is null. A UTF-8 BOM is dropped. A quote that is never closed, a stray quote
+    after a closed one, or a row with another number of fields than the header is a
+    ManifestError naming the line where that row starts.
+    """
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long captions are not an error
+    rows: list[list[str]] = []
+    start = 1  # line where the record being parsed starts
+    with _no_gc(), open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle, delimiter=delimiter, strict=True)
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise ManifestError(f"{path}: file is empty; the first line must name the "
+                                    "columns (id, image, text, ...)")
+            _duplicate_names(path, header)
+            width = len(header)
+            start = reader.line_num + 1
+            for fields in reader:
+                if len(fields) != width and fields:
+                    raise ManifestError(
+                        f"{path}:{start}: malformed {kind}: {len(fields)} field(s) where the "
+                        f"header has {width} ({', '.join(header)})"
+                        + (" (a quoted cell spans lines; is a quote left open?)"
+                           if reader.line_num != start else ""))
+                if fields:
+                    rows.append(fields)
+                start = reader.line_num + 1
+        except csv.Error as err:
+            hint = (" (a quote opened in this row is never closed)"
+                    if "end of data" in str(err) else "")
+            raise ManifestError(f"{path}:{start}: malformed {kind}: {err}{hint}") from None
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
+    with _no_gc():
+        columns = list(zip(*rows, strict=True)) if rows else [() for _ in header]
+    del rows
+    arrays = []
+    for values in columns:
+        array = pa.array(values, pa.string())
+        # An empty cell is the one null a CSV has; every other cell is kept as written.
+        arrays.append(pc.if_else(pc.equal(array, ""), pa.scalar(None, pa.string()), array))
+    return pa.Table.from_arrays(arrays, names=header)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"key {twice!r} appears twice in one object")
+    return out
+
+
+def _read_jsonl(path: Path) -> pa.Table:
+    """JSON Lines: one object per line. Strings are kept exactly (nothing becomes a timestamp or
+    a number); integers in id/media/label/split/class_id columns become their decimal text;
+    other values there (floats, booleans, lists, objects) are refused naming line and column."""
+    records: list[dict] = []
+    lines: list[int] = []
+    names: dict[str, None] = {}
+    number = 0
+    try:
+        with _no_gc(), open(path, encoding="utf-8-sig") as handle:
+            for number, line in enumerate(handle, 1):  # noqa: B007 - used in the messages
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+                except ValueError as err:
+                    if number == 1 and line.lstrip().startswith("["):
+                        raise ManifestError(f"{path}: is one JSON array; a manifest .jsonl/.json "
+                                            "holds one JSON object per line") from None
+                    raise ManifestError(f"{path}:{number}: not a JSON object: {err}") from None
+                if not isinstance(record, dict):
+                    raise ManifestError(f"{path}:{number}: expected a JSON object per line, got "
+                                        f"{type(record).__name__}")
+                records.append(record)
+                lines.append(number)
+                names.update(dict.fromkeys(record))
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    if not records:
+        raise ManifestError(f"{path}: no rows (expected one JSON object per line)")
+    arrays = {}
+    for name in names:
+        values = [r.get(name) for r in records]
+        if name in STRING_COLUMNS:
+            for i, v in enumerate(values):
+                if isinstance(v, int) and not isinstance(v, bool):
+                    values[i] = str(v)
+                elif v is not None and not isinstance(v, str):
+                    raise ManifestError(
+                        f"{path}:{lines[i]}: column {name!r} holds {json.dumps(v)[:40]} "
+                        f"({type(v).__name__}); {name} values must be JSON strings")
+            arrays[name] = pa.array(values, pa.string())
+            continue
+        try:
+            arrays[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            raise ManifestError(f"{path}: column {name!r} mixes value types from line to line "
+                                "(e.g. text and numbers); give it one type") from None
+    return pa.table(arrays)
+
+
+def _bad_utf8_row(col: pa.ChunkedArray) -> int:
+    for i, v in enumerate(col.to_pylist()):
+        if v is not None:
+            try:
+                v.decode("utf-8")
+            except UnicodeDecodeError:
+                return i
+    return -1
+
+
+def _as_strings(table: pa.Table, name: str, path: Path) -> pa.Table:
+    """Column `name` as strings; text stays text, integers become their decimal text, binary
+    must be UTF-8, and anything else (floats, lists, structs, ...) is refused."""
     col = table.column(name)
-    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+    kind = col.type
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    where = table.column_names.index(name)
+    if (pa.types.is_string(kind) or pa.types.is_large_string(kind)) and kind == col.type:
         return table
-    if pa.types.is_null(col.type):
-        return table.set_column(table.column_names.index(name), name, col.cast(pa.string()))
-    return table.set_column(table.column_names.index(name), name, pc.cast(col, pa.string()))
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind) \
+            or pa.types.is_integer(kind):
+        return table.set_column(where, name, pc.cast(col, pa.string()))
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) \
+            or pa.types.is_fixed_size_binary(kind):
+        try:
+            return table.set_column(where, name, pc.cast(pc.cast(col, pa.binary()), pa.string()))
+        except pa.ArrowInvalid:
+            row = _bad_utf8_row(pc.cast(col, pa.binary()))
+            raise ManifestError(f"{path}: column {name!r} holds bytes that are not UTF-8 text "
+                                f"at row {row}") from None
+    raise ManifestError(f"{path}: column {name!r} holds {col.type} values; {name} values must be "
+                        "text (strings)")
+
+
+def is_blank_text(value: object) -> bool:
+    """True for text that tokenises to nothing: None, "", or only whitespace, control characters
+    (NUL), format characters (zero-width spaces, joiners, a BOM, soft hyphens) and separators."""
+    if value is None:
+        return True
+    for ch in str(value):
+        if not ch.isspace() and unicodedata.category(ch) not in BLANK_CATEGORIES:
+            return False
+    return True
 
 
 def validate(table: pa.Table, path: Path) -> pa.Table:
     """Check the manifest format; raise ManifestError naming the first offending rows.
 
-    Returns the table with ``id``, media, ``label`` and ``split`` columns as strings.
+    Returns the table with ``id``, media, ``label``, ``split`` and ``class_id`` columns as
+    strings; other columns are kept as they are.
     """
     names = table.column_names
     if "id" not in names:
@@ -153,9 +331,11 @@ def validate(table: pa.Table, path: Path) -> pa.Table:
         raise ManifestError(
             f"{path}: no media column; a manifest needs at least one of image, text, audio "
             f"(columns: {', '.join(names)})")
-    for name in ("id", *MEDIA_COLUMNS, "label", "split"):
+    if len(set(names)) != len(names):
+        _duplicate_names(path, names)
+    for name in STRING_COLUMNS:
         if name in names:
-            table = _as_strings(table, name)
+            table = _as_strings(table, name, path)
 
     ids = table.column("id").to_pylist()
     empty = [i for i, v in enumerate(ids) if v is None or str(v).strip() == ""]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from alignpipe.manifest import Manifest
+from alignpipe.manifest import Manifest, is_blank_text
 from alignpipe.media import resolve_ref
 
 
@@ -54,7 +54,7 @@ def plan_unit(manifest: Manifest, column: str, modality: str, unit: int, start: 
     row_item = np.full(len(cells), -1, dtype=np.int64)
     row_reason: dict[int, str] = {}
     for offset, cell in enumerate(cells):
-        if cell is None or not str(cell).strip():
+        if is_blank_text(cell):
             row_reason[offset] = ("empty text" if modality == "text"
                                   else f"no {modality} path in column {column!r}")
             continue

@@ -15,6 +15,7 @@ from alignpipe.encoders.base import check_pooling, freeze, masked_mean
 from alignpipe.encoders.hf import load_hf_model, processor_source
 from alignpipe.encoders.registry import EncoderError, EncoderSpec
 from alignpipe.encoders.weights import WeightsSource
+from alignpipe.manifest import is_blank_text
 from alignpipe.media import MediaError
 
 
@@ -73,7 +74,7 @@ class HFTextEncoder:
         return len(item)
 
     def prepare(self, value: str | None) -> str:
-        if value is None or not str(value).strip():
+        if is_blank_text(value):
             raise MediaError("empty text")
         return self.prefix + str(value)
 
