@@ -83,17 +83,34 @@ def parse_overrides(items: list[str] | None) -> dict[str, str]:
 def info(
     store: Annotated[Path, typer.Argument(help="A latent store folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Also check every finished unit's files against their sha256 (reads "
+                         "the whole store); without it only existence and sizes.")] = False,
 ) -> None:
-    """Show a store's rows, dim, dtype, valid count, provenance, size and finished units."""
+    """Show a store's rows, dim, dtype, valid count, provenance, size and finished units.
+
+    Exits with an error naming the damaged work units, and the command that redoes them, when
+    any finished unit's files are missing or changed.
+    """
+    from alignpipe.errors import StoreError
     from alignpipe.store import open_store
 
-    details = open_store(store).info()
+    opened = open_store(store)
+    details = opened.info()
+    damaged = opened.damaged_units(checksums=True) if verify else {
+        int(u): reason for u, reason in details["damaged_units"].items()}
+    details["damaged_units"] = {str(u): reason for u, reason in damaged.items()}
     if as_json:
         console.print_json(json.dumps(details))
-        return
-    from alignpipe.report import store_info_table
+    else:
+        from alignpipe.report import store_info_table
 
-    console.print(store_info_table(details))
+        console.print(store_info_table(details))
+    if damaged:
+        raise StoreError(opened.damage_message(damaged))
+    if verify:
+        console.print(f"verified: {len(opened.done_units())} finished units match their "
+                      f"checksums")
 
 
 # ---- import -------------------------------------------------------------------------------------

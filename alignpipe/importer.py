@@ -6,8 +6,9 @@ Two inputs are understood:
 - a clip-retrieval output folder: ``img_emb/img_emb_N.npy`` (or ``text_emb/text_emb_N.npy``)
   beside ``metadata/metadata_N.parquet``; rows are matched to the manifest by a key column.
 
-The store is built in a staging folder and moved into place only when complete, so a rejected
-import leaves nothing behind.
+The store is built in a staging folder under the store's lock and swapped into place only when
+complete (the old store renamed aside, the new one renamed in, the old one deleted), so a
+rejected import leaves nothing behind and a kill at any moment leaves one whole store.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import pyarrow.parquet as pq
 
 from alignpipe.errors import ImportDataError, format_rows
 from alignpipe.manifest import PATH_COLUMNS, Manifest, file_sha256, read_manifest
-from alignpipe.store import MODALITIES, create_store, open_store, staged_store_path, store_path
+from alignpipe.store import (
+    MODALITIES,
+    create_store,
+    lock_store,
+    open_store,
+    staged_store_path,
+    store_path,
+)
 
 EMB_FOLDERS = {"image": "img_emb", "text": "text_emb"}
 DEFAULT_KEYS = {"image": ("image_path", "image"), "text": ("caption", "text")}
@@ -184,7 +192,7 @@ def import_latents(latents: str | Path, *, manifest: str | Path, modality: str, 
     spec = {"name": encoder, "backend": "import", "model_id": None, "revision": None,
             "weights_sha256": None, "pooling": None, "preprocessing": None,
             **source.description}
-    with staged_store_path(target, overwrite=overwrite) as staging:
+    with lock_store(target), staged_store_path(target, overwrite=overwrite) as staging:
         store = create_store(staging, rows=man.rows, dim=source.dim, encoder=spec,
                              modality=modality, manifest=man, dtype=dtype, unit_rows=unit_rows)
         limit = np.finfo(np.float16).max if dtype == "float16" else np.inf

@@ -6,7 +6,8 @@ A store is a Zarr v3 group at ``<cache>/<dataset>/<encoder>/`` holding
   chunks of about 1-4 MB inside them. A shard is the unit of writing, a chunk the unit of reading.
 - ``valid``: rows, bool; false for rows whose media failed (see ``failures.parquet``).
 - ``units/``: a subgroup whose folder holds one ``NNNNN.done`` marker per completed work unit and
-  that unit's failures; a rerun skips marked units.
+  that unit's failures; the marker lists the files the unit wrote with sizes and sha256, so a
+  rerun skips intact units and redoes damaged ones. Chunks carry a crc32c checksum.
 - group attrs: ``encoder`` (provenance), ``modality``, ``manifest`` (path, sha256, rows, and
   relative_path from the store when both lie under one folder),
   ``alignpipe_version``, ``created``, ``unit_rows``.
@@ -21,9 +22,8 @@ import json
 import math
 import os
 import re
-import shutil
+import shlex
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,9 +37,19 @@ import pyarrow.parquet as pq
 import zarr
 
 from alignpipe import __version__
-from alignpipe.errors import StoreError
-from alignpipe.fsutil import atomic_path, atomic_write_bytes
+from alignpipe.errors import AlignpipeError, StoreError
+from alignpipe.fsutil import atomic_path, atomic_write_bytes, exclusive_lock
 from alignpipe.manifest import Manifest
+from alignpipe.storefiles import (
+    failures_file,
+    file_problems,
+    file_record,
+    remove_empty_folders,
+    remove_folder_and_failures,
+    remove_leftovers,
+    staging_path,
+    swap_in,
+)
 
 DEFAULT_UNIT_ROWS = 8192
 TARGET_CHUNK_BYTES = 2 << 20
@@ -76,15 +86,36 @@ def manifest_attrs(path: Path, manifest_info: dict) -> dict:
     return info
 
 
-def chunk_rows_for(unit_rows: int, dim: int, itemsize: int) -> int:
-    """Rows per chunk: the largest divisor of `unit_rows` whose chunk stays within ~2 MB."""
+def shard_layout(unit_rows: int, dim: int, itemsize: int) -> tuple[int, int]:
+    """``(chunk_rows, unit_rows)``: chunks of about 2 MB that tile a shard of one work unit.
+
+    Zarr needs the shard's rows to be a multiple of the chunk's. A divisor of `unit_rows` between
+    half the byte target and the target keeps `unit_rows` as asked; otherwise (a prime row count,
+    say) the unit grows by less than one row per chunk to the next multiple, never down to
+    one-row chunks. The array's length need not be a multiple of either: its last shard is
+    partial.
+    """
     target = max(1, TARGET_CHUNK_BYTES // max(1, dim * itemsize))
     if unit_rows <= target:
-        return unit_rows
-    for rows in range(target, 0, -1):
+        return unit_rows, unit_rows
+    for rows in range(target, (target + 1) // 2 - 1, -1):
         if unit_rows % rows == 0:
-            return rows
-    return 1
+            return rows, unit_rows
+    chunks = math.ceil(unit_rows / target)
+    rows = math.ceil(unit_rows / chunks)
+    return rows, rows * chunks
+
+
+def chunk_rows_for(unit_rows: int, dim: int, itemsize: int) -> int:
+    """Rows per chunk of a store whose work units hold `unit_rows` rows (see `shard_layout`)."""
+    return shard_layout(unit_rows, dim, itemsize)[0]
+
+
+def checked_codecs() -> list:
+    """zstd, then a crc32c checksum per chunk, so a flipped byte is an error, never a value."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return [ZstdCodec(level=0, checksum=False), Crc32cCodec()]
 
 
 def write_failures(path: Path, failures: list[dict]) -> None:
@@ -162,7 +193,7 @@ class LatentStore:
     @property
     def failures_path(self) -> Path:
         """Merged failure table, beside the store folder (the store root holds only Zarr)."""
-        return self.path.with_name(self.path.name + ".failures.parquet")
+        return failures_file(self.path)
 
     def unit_range(self, unit: int) -> tuple[int, int]:
         if not 0 <= unit < self.n_units:
@@ -177,30 +208,149 @@ class LatentStore:
     def _unit_failures(self, unit: int) -> Path:
         return self.units_dir / f"{unit:05d}.failures.parquet"
 
-    def is_done(self, unit: int) -> bool:
-        return self._marker(unit).exists()
+    def _unit_files(self, unit: int) -> list[str]:
+        """The files unit `unit` writes, relative to the store folder."""
+        return [f"latents/{self.latents.metadata.encode_chunk_key((unit, 0))}",
+                f"valid/{self.valid.metadata.encode_chunk_key((unit,))}",
+                f"{UNITS_GROUP}/{self._unit_failures(unit).name}"]
 
-    def done_units(self) -> list[int]:
+    def _marked_units(self) -> list[int]:
+        """Units with a completion marker, intact or not."""
         if not self.units_dir.exists():
             return []
-        done = []
+        marked = []
         for p in self.units_dir.glob("*.done"):
             try:
-                done.append(int(p.stem))
+                marked.append(int(p.stem))
             except ValueError:
                 continue
-        return sorted(u for u in done if u < self.n_units)
+        return sorted(u for u in marked if u < self.n_units)
+
+    def unit_problems(self, unit: int, checksums: bool = False) -> list[str]:
+        """Why finished unit `unit` is damaged; empty when it is intact or not finished.
+
+        Without `checksums` only existence and sizes are compared (a few stat calls per unit);
+        with it every file is hashed. Markers written before files were recorded are checked
+        for what their counts imply.
+        """
+        try:
+            marker = json.loads(self._marker(unit).read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError):
+            return ["its completion marker is unreadable"]
+        files = marker.get("files") if isinstance(marker, dict) else None
+        if not isinstance(marker, dict) or "files" in marker and not isinstance(files, dict):
+            return ["its completion marker is unreadable"]
+        if files is not None:
+            return file_problems(self.path, files, checksums)
+        return self._legacy_problems(unit, marker, checksums)
+
+    def _legacy_problems(self, unit: int, marker: dict, checksums: bool) -> list[str]:
+        latents_file, valid_file, failures_file_name = self._unit_files(unit)
+        expected = [failures_file_name] + ([latents_file, valid_file]
+                                           if int(marker.get("valid", 0)) > 0 else [])
+        problems = [f"{name} is missing" for name in expected if not (self.path / name).exists()]
+        if checksums and not problems:
+            start, stop = self.unit_range(unit)
+            try:
+                self.latents[start:stop]  # decoding checks what can be checked
+                valid = int(np.asarray(self.valid[start:stop]).sum())
+                read_failures(self._unit_failures(unit))
+            except (ValueError, RuntimeError, OSError, pa.ArrowException) as err:
+                return [f"cannot be decoded ({err})"]
+            if valid != int(marker.get("valid", valid)):
+                problems.append(f"valid marks {valid} rows valid, {marker['valid']} when written")
+        return problems
+
+    def damaged_units(self, checksums: bool = False) -> dict[int, str]:
+        """Finished units whose files are gone or changed: unit -> reason.
+
+        The cheap check (default) finds deleted and truncated files; `checksums` also finds
+        changed bytes (``alignpipe info --verify``).
+        """
+        damaged = {}
+        for unit in self._marked_units():
+            problems = self.unit_problems(unit, checksums)
+            if problems:
+                damaged[unit] = "; ".join(problems)
+        return damaged
+
+    def is_done(self, unit: int) -> bool:
+        """Finished and intact (cheap check): a damaged unit is redone like an unfinished one."""
+        return self._marker(unit).exists() and not self.unit_problems(unit)
+
+    def done_units(self) -> list[int]:
+        """Finished units that pass the cheap check."""
+        return [u for u in self._marked_units() if not self.unit_problems(u)]
 
     def pending_units(self) -> list[int]:
+        """Units to (re)do: never finished, or finished and since damaged."""
         done = set(self.done_units())
         return [u for u in range(self.n_units) if u not in done]
 
+    def repair_command(self) -> str:
+        """The command that redoes this store's damaged or missing units."""
+        encoder, manifest = self.encoder, self.manifest_info.get("path") or "MANIFEST"
+        where = ["--cache", self.path.parent.parent, "--dataset", self.path.parent.name]
+        if encoder.get("backend") == "import":
+            parts = ["alignpipe", "import", encoder.get("source") or "LATENTS", "--manifest",
+                     manifest, "--modality", self.modality, "--encoder", encoder.get("name"),
+                     *where, "--dtype", self.dtype, "--unit-rows", self.unit_rows]
+            parts += ["--key", encoder["key"]] if encoder.get("key") else []
+            return shlex.join(map(str, [*parts, "--overwrite"]))
+        request = dict(encoder.get("request") or {})
+        parts = ["alignpipe", "embed", manifest, "--encoder", encoder.get("name", "ENCODER"),
+                 *where]
+        if encoder.get("weights_path"):
+            parts += ["--weights", encoder["weights_path"]]
+        elif encoder.get("weights") == "random":
+            parts += ["--weights", "random"]
+        for option, key in (("--column", "column"), ("--image-size", "image_size"),
+                            ("--pooling", "pooling")):
+            if request.get(key, encoder.get(key)) is not None:
+                parts += [option, request.get(key, encoder.get(key))]
+        return shlex.join(map(str, [*parts, "--latent-dtype", self.dtype]))
+
+    def damage_message(self, damaged: dict[int, str], detail: str = "") -> str:
+        if damaged:
+            shown = "; ".join(f"unit {u} ({reason})" for u, reason in list(damaged.items())[:5])
+            more = f"; and {len(damaged) - 5} more" if len(damaged) > 5 else ""
+            what = f"{len(damaged)} damaged work unit(s): {shown}{more}"
+        else:
+            what = f"damaged data ({detail})"
+        return (f"{self.path}: {what}; rerun the command that made it to redo them: "
+                f"{self.repair_command()}")
+
+    def require_intact(self) -> None:
+        """Raise StoreError naming every damaged unit and the repair command (cheap check)."""
+        damaged = self.damaged_units()
+        if damaged:
+            raise StoreError(self.damage_message(damaged))
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Around zarr reads: a chunk that fails its crc32c or cannot be decoded becomes the
+        damaged-store StoreError (units and repair command), not a zarr traceback."""
+        try:
+            yield
+        except (ValueError, RuntimeError) as err:
+            damaged = self.damaged_units(checksums=True)
+            text = str(err).lower()
+            if not damaged and "checksum" not in text and "compress" not in text:
+                raise
+            raise StoreError(self.damage_message(damaged, str(err))) from None
+
     def write_unit(self, unit: int, latents: np.ndarray, valid: np.ndarray,
-                   failures: list[dict] | None = None, stats: dict | None = None) -> None:
+                   failures: list[dict] | None = None, stats: dict | None = None,
+                   ids: list[str] | None = None) -> None:
         """Write one work unit's whole shard, its failures, then its completion marker.
 
-        The marker is written last and atomically, so a kill at any point leaves the unit either
-        complete and marked, or unmarked (and redone on the next run).
+        The marker is removed first and written last, atomically, listing the files written
+        with their sizes and sha256; a kill at any point leaves the unit either complete and
+        marked, or unmarked (and redone on the next run). Rows whose latents are not finite in
+        the store's dtype (float16 overflows at 65504) become failures; `ids` (the unit's
+        manifest ids) names them, else the manifest is read.
         """
         start, stop = self.unit_range(unit)
         latents = np.asarray(latents)
@@ -210,23 +360,74 @@ class LatentStore:
                              f"{(stop - start, self.dim)}, got {latents.shape}")
         if valid.shape != (stop - start,):
             raise StoreError(f"{self.path}: unit {unit} needs valid of shape {(stop - start,)}")
-        latents = np.where(valid[:, None], latents, 0).astype(self.dtype, copy=False)
+        latents, valid, failures = self._storable(start, latents, valid, list(failures or []),
+                                                  ids)
+        self._marker(unit).unlink(missing_ok=True)  # a rewrite cut short must not look done
+        files = self._unit_files(unit)
+        for name in files:  # a rewrite never reads (or keeps) a damaged shard
+            (self.path / name).unlink(missing_ok=True)
         self.latents[start:stop] = latents
         self.valid[start:stop] = valid
         self.units_dir.mkdir(exist_ok=True)
-        write_failures(self._unit_failures(unit), failures or [])
-        marker = {"unit": unit, "rows": [start, stop], "valid": int(valid.sum()),
-                  "failed": len(failures or []), "finished": time.time(), **(stats or {})}
+        write_failures(self._unit_failures(unit), failures)
+        marker = {**(stats or {}), "unit": unit, "rows": [start, stop],
+                  "valid": int(valid.sum()), "failed": len(failures), "finished": time.time(),
+                  "files": {name: file_record(self.path / name) for name in files}}
         atomic_write_bytes(self._marker(unit), json.dumps(marker).encode())
 
+    def _storable(self, start: int, latents: np.ndarray, valid: np.ndarray,
+                  failures: list[dict], ids: list[str] | None):
+        """Latents cast to the store's dtype; rows not finite after the cast become failures."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            stored = np.where(valid[:, None], latents, 0).astype(self.dtype, copy=False)
+        bad = np.flatnonzero(valid & ~np.isfinite(stored).all(axis=1))
+        if not bad.size:
+            return stored, valid, failures
+        stored[bad] = 0
+        valid = valid.copy()
+        valid[bad] = False
+        source_finite = np.isfinite(latents[bad]).all(axis=1)
+        column = (failures[0]["column"] if failures
+                  else self.encoder.get("column") or self.modality)
+        names = ([str(ids[i]) for i in bad] if ids is not None
+                 else self._manifest_ids(start + bad))
+        overflow = (f"latent exceeds {self.dtype} range"
+                    + ("; use --latent-dtype float32" if self.dtype == "float16" else ""))
+        failures += [{"id": name, "row": start + int(i), "column": column,
+                      "reason": overflow if finite else "latent is NaN or inf"}
+                     for i, finite, name in zip(bad, source_finite, names, strict=True)]
+        return stored, valid, sorted(failures, key=lambda f: f["row"])
+
+    def _manifest_ids(self, rows: np.ndarray) -> list[str]:
+        """Manifest ids of `rows`, read from the store's manifest ("" where it is gone)."""
+        from alignpipe.manifest import read_manifest
+
+        info = self.manifest_info
+        for candidate in (info.get("path"), info.get("relative_path")):
+            if not candidate:
+                continue
+            path = Path(candidate) if Path(candidate).is_absolute() else self.path / candidate
+            try:
+                manifest = read_manifest(path)
+            except (AlignpipeError, OSError):
+                continue
+            if manifest.sha256 == info.get("sha256"):
+                return [manifest.ids[int(r)] for r in rows]
+        return [""] * len(rows)
+
     def unit_marker(self, unit: int) -> dict:
-        return json.loads(self._marker(unit).read_text()) if self.is_done(unit) else {}
+        path = self._marker(unit)
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def failures(self) -> list[dict]:
         """Failure records of all completed units, in row order."""
         records: list[dict] = []
         for unit in self.done_units():
-            records.extend(read_failures(self._unit_failures(unit)))
+            try:
+                records.extend(read_failures(self._unit_failures(unit)))
+            except (OSError, pa.ArrowException) as err:
+                damaged = self.damaged_units(checksums=True) or {unit: str(err)}
+                raise StoreError(self.damage_message(damaged)) from None
         return sorted(records, key=lambda r: r["row"])
 
     def merge_failures(self) -> Path:
@@ -240,20 +441,22 @@ class LatentStore:
 
     # ---- reading ------------------------------------------------------------------------------
     def read_valid(self) -> np.ndarray:
-        return np.asarray(self.valid[:], dtype=bool)
+        with self.reading():
+            return np.asarray(self.valid[:], dtype=bool)
 
     def read(self, rows: np.ndarray | list[int] | slice | None = None,
              dtype: str | np.dtype = np.float32) -> np.ndarray:
         """Latents of `rows` (all rows by default) as a numpy array of `dtype`."""
-        if rows is None:
-            out = self.latents[:]
-        elif isinstance(rows, slice):
-            out = self.latents[rows]
-        else:
-            idx = np.asarray(rows, dtype=np.int64)
-            if idx.size == 0:
-                return np.zeros((0, self.dim), dtype=dtype)
-            out = self.latents.get_orthogonal_selection((idx, slice(None)))
+        with self.reading():
+            if rows is None:
+                out = self.latents[:]
+            elif isinstance(rows, slice):
+                out = self.latents[rows]
+            else:
+                idx = np.asarray(rows, dtype=np.int64)
+                if idx.size == 0:
+                    return np.zeros((0, self.dim), dtype=dtype)
+                out = self.latents.get_orthogonal_selection((idx, slice(None)))
         return np.asarray(out).astype(dtype, copy=False)
 
     def check_manifest(self, manifest: Manifest) -> None:
@@ -271,13 +474,17 @@ class LatentStore:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
     def info(self) -> dict:
-        valid = self.read_valid()
+        damaged = self.damaged_units()
+        try:
+            valid = int(self.read_valid().sum())
+        except StoreError:  # reported through damaged_units; count what the markers say
+            valid = sum(int(self.unit_marker(u).get("valid", 0)) for u in self.done_units())
         return {
             "path": str(self.path),
             "rows": self.rows,
             "dim": self.dim,
             "dtype": self.dtype,
-            "valid": int(valid.sum()),
+            "valid": valid,
             "modality": self.modality,
             "encoder": self.encoder,
             "manifest": self.manifest_info,
@@ -286,6 +493,7 @@ class LatentStore:
             "unit_rows": self.unit_rows,
             "units_done": len(self.done_units()),
             "units_total": self.n_units,
+            "damaged_units": {str(u): reason for u, reason in damaged.items()},
             "chunks": list(self.latents.chunks),
             "shards": list(self.latents.shards or self.latents.chunks),
             "size_bytes": self.size_on_disk(),
@@ -315,9 +523,7 @@ def create_store(path: str | Path, *, rows: int, dim: int, encoder: dict, modali
         raise StoreError(f"{path}: store rows ({rows}) must equal manifest rows "
                          f"({manifest_info['rows']})")
     path.parent.mkdir(parents=True, exist_ok=True)
-    unit_rows = min(unit_rows, rows)
-    itemsize = np.dtype(dtype).itemsize
-    chunk_rows = chunk_rows_for(unit_rows, dim, itemsize)
+    chunk_rows, unit_rows = shard_layout(min(unit_rows, rows), dim, np.dtype(dtype).itemsize)
     attrs = {
         "encoder": {**encoder, "dim": dim},
         "modality": modality,
@@ -329,9 +535,9 @@ def create_store(path: str | Path, *, rows: int, dim: int, encoder: dict, modali
     }
     group = zarr.open_group(path, mode="w", attributes=attrs)
     group.create_array("latents", shape=(rows, dim), dtype=dtype, chunks=(chunk_rows, dim),
-                       shards=(unit_rows, dim), fill_value=0)
+                       shards=(unit_rows, dim), fill_value=0, compressors=checked_codecs())
     group.create_array("valid", shape=(rows,), dtype="bool", chunks=(unit_rows,),
-                       fill_value=False)
+                       fill_value=False, compressors=checked_codecs())
     group.create_group(UNITS_GROUP, attributes={
         "about": "one NNNNN.done marker per completed work unit, plus that unit's failures"})
     return LatentStore(path=path, group=group)
@@ -364,37 +570,52 @@ def open_store(path: str | Path, manifest: Manifest | None = None,
 
 
 def remove_store(path: str | Path) -> None:
+    remove_folder_and_failures(Path(path))
+
+
+def lock_path(path: str | Path) -> Path:
+    """The writer lock of the store at `path`: beside the folder, which may be replaced."""
     path = Path(path)
-    shutil.rmtree(path, ignore_errors=True)
-    path.with_name(path.name + ".failures.parquet").unlink(missing_ok=True)
+    return path.with_name(path.name + ".lock")
+
+
+@contextmanager
+def lock_store(path: str | Path) -> Iterator[None]:
+    """Be the only writer of the store at `path` while the body runs.
+
+    Refuses (LockedError) while another live process holds ``<store>.lock``; takes over the lock
+    of a dead one. Once held, clears what killed writers left (staging folders, an old store
+    set aside by an interrupted swap, temporary marker files). Folders it had to create for the
+    lock are removed again if they are empty at the end.
+    """
+    path = Path(path)
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    try:
+        with exclusive_lock(lock_path(path), f"store {path}"):
+            remove_leftovers(path)
+            yield
+    finally:
+        remove_empty_folders(created)
 
 
 @contextmanager
 def staged_store_path(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success move it to `path`, on error delete it.
+    """Yield a temporary sibling path; on success swap it in at `path`, on error delete it.
 
-    For writers that build a whole store in one go (``alignpipe import``): a failure leaves
-    nothing half-written behind, and an existing store is only replaced once the new one is done.
+    For writers that build a whole store in one go (``alignpipe import``), under `lock_store`: a
+    failure leaves nothing half-written behind, and an existing store is replaced by renames
+    only once the new one is done, so a kill at any moment leaves one whole store.
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise StoreError(f"{path}: a store already exists here; pass --overwrite to replace it")
     created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.staging-{uuid.uuid4().hex[:8]}")
+    tmp = staging_path(path)
     try:
         yield tmp
     except BaseException:
         remove_store(tmp)
-        for folder in created:  # innermost first: leave no empty folders we made
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        remove_empty_folders(created)  # innermost first: leave no empty folders we made
         raise
-    if path.exists():
-        remove_store(path)
-    tmp.replace(path)
-    staged_failures = tmp.with_name(tmp.name + ".failures.parquet")
-    if staged_failures.exists():
-        staged_failures.replace(path.with_name(path.name + ".failures.parquet"))
+    swap_in(tmp, path)
