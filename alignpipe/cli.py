@@ -476,7 +476,19 @@ SkipMissingOpt = Annotated[bool, typer.Option(
     help="Leave rows with missing media out (and report how many) instead of refusing.")]
 SkipIncompleteOpt = Annotated[bool, typer.Option(
     help="Leave samples without a caption (or image) out instead of refusing.")]
-BuildSplitOpt = Annotated[str, typer.Option(help="Split for every row: train, val or test.")]
+BuildSplitOpt = Annotated[str | None, typer.Option(
+    help="Split for every row: train, val or test (default: train).")]
+SplitFractionsOpt = Annotated[str | None, typer.Option(
+    help="Assign seeded splits instead: train,val,test fractions summing to 1, e.g. "
+         "0.8,0.1,0.1. Rows sharing an image or audio file stay together.")]
+SplitSeedOpt = Annotated[int, typer.Option(help="Seed of --split-fractions: same seed, same "
+                                                "split, whatever the row order.")]
+
+
+def _split_plan(fractions: str | None, seed: int, override: bool = False):
+    from alignpipe.builders import SplitPlan
+
+    return SplitPlan.parse(fractions, seed, override) if fractions is not None else None
 
 
 def _print_built(result) -> None:
@@ -581,7 +593,9 @@ def manifest_cc3m(
         help="TSV: id column (default: the 0-based data row, 9 digits).")] = None,
     images: Annotated[Path | None, typer.Option(
         help="TSV: folder the paths are relative to (default: the TSV's folder).")] = None,
-    split: BuildSplitOpt = "train",
+    split: BuildSplitOpt = None,
+    split_fractions: SplitFractionsOpt = None,
+    split_seed: SplitSeedOpt = 0,
     skip_incomplete: SkipIncompleteOpt = False,
     check_files: CheckFilesOpt = True,
     skip_missing: SkipMissingOpt = False,
@@ -592,7 +606,8 @@ def manifest_cc3m(
     _print_built(build_cc3m(source, out, caption_column=caption_column, path_column=path_column,
                             id_column=id_column, images=images, split=split,
                             skip_incomplete=skip_incomplete,
-                            check=check_policy(check_files, skip_missing)))
+                            check=check_policy(check_files, skip_missing),
+                            split_plan=_split_plan(split_fractions, split_seed)))
 
 
 @manifest_app.command("webdataset")
@@ -601,7 +616,9 @@ def manifest_webdataset(
     shards: Annotated[str, typer.Argument(
         help="'DIR/{00000..00099}.tar' (quote it), a folder of .tar, or one .tar.")],
     out: OutManifestArg,
-    split: BuildSplitOpt = "train",
+    split: BuildSplitOpt = None,
+    split_fractions: SplitFractionsOpt = None,
+    split_seed: SplitSeedOpt = 0,
     skip_incomplete: SkipIncompleteOpt = False,
     check_files: CheckFilesOpt = True,
     skip_missing: SkipMissingOpt = False,
@@ -610,7 +627,8 @@ def manifest_webdataset(
     from alignpipe.builders import build_webdataset, check_policy
 
     _print_built(build_webdataset(shards, out, split=split, skip_incomplete=skip_incomplete,
-                                  check=check_policy(check_files, skip_missing)))
+                                  check=check_policy(check_files, skip_missing),
+                                  split_plan=_split_plan(split_fractions, split_seed)))
 
 
 AudioRootOpt = Annotated[Path | None, typer.Option(
@@ -663,6 +681,8 @@ def manifest_folder(
         help="Use each file's parent folder (relative to SOURCE) as its label.")] = False,
     split: Annotated[str | None, typer.Option(
         help="Split for every row (default: no split column).")] = None,
+    split_fractions: SplitFractionsOpt = None,
+    split_seed: SplitSeedOpt = 0,
     skip_incomplete: SkipIncompleteOpt = False,
     check_files: CheckFilesOpt = True,
     skip_missing: SkipMissingOpt = False,
@@ -672,7 +692,28 @@ def manifest_folder(
 
     _print_built(build_folder(source, out, label_from_folder=label_from_folder, split=split,
                               skip_incomplete=skip_incomplete,
-                              check=check_policy(check_files, skip_missing)))
+                              check=check_policy(check_files, skip_missing),
+                              split_plan=_split_plan(split_fractions, split_seed)))
+
+
+@manifest_app.command("split")
+@friendly
+def manifest_split(
+    source: Annotated[Path, typer.Argument(help="A manifest (.parquet, .csv, .tsv, .jsonl).")],
+    out: OutManifestArg,
+    split_fractions: Annotated[str, typer.Option(
+        help="train,val,test fractions summing to 1, e.g. 0.8,0.1,0.1. Rows sharing an image "
+             "or audio file stay together.")],
+    split_seed: SplitSeedOpt = 0,
+    override_split: Annotated[bool, typer.Option(
+        help="Replace an existing split column (by default it is kept, and said so).")] = False,
+) -> None:
+    """Seeded train/val/test splits for a manifest: do it before embedding, since any change
+    to the manifest file changes its sha256 and so invalidates the stores made from it."""
+    from alignpipe.builders import build_split
+
+    _print_built(build_split(source, out, _split_plan(split_fractions, split_seed,
+                                                      override_split)))
 # END SECTION manifest-builders
 
 

@@ -120,6 +120,7 @@ def _read_table(path: Path) -> pa.Table:
             f"{path}: unknown manifest format {path.suffix!r}; use .parquet, .csv, .tsv or .jsonl")
     try:
         if kind == "parquet":
+            _duplicate_names(path, pq.read_schema(path).names)
             return pq.read_table(path)
         if kind in ("csv", "tsv"):
             return _read_delimited(path, "\t" if kind == "tsv" else ",", kind.upper())
@@ -127,7 +128,8 @@ def _read_table(path: Path) -> pa.Table:
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest file not found") from None
     except (pa.ArrowException, OSError, ValueError) as err:
-        raise ManifestError(f"{path}: cannot read manifest as {kind}: {err}") from None
+        detail = " ".join(str(err).split())  # Arrow's messages span lines; the error is one
+        raise ManifestError(f"{path}: cannot read manifest as {kind}: {detail[:300]}") from None
 
 
 def _not_utf8(path: Path) -> ManifestError:
@@ -238,9 +240,12 @@ def _read_jsonl(path: Path) -> pa.Table:
                     record = json.loads(line, object_pairs_hook=_no_duplicate_keys)
                 except ValueError as err:
                     if number == 1 and line.lstrip().startswith("["):
-                        raise ManifestError(f"{path}: is one JSON array; a manifest .jsonl/.json "
+                        raise ManifestError(f"{path}: is a JSON array; a manifest .jsonl/.json "
                                             "holds one JSON object per line") from None
                     raise ManifestError(f"{path}:{number}: not a JSON object: {err}") from None
+                if isinstance(record, list) and not records:
+                    raise ManifestError(f"{path}: is a JSON array; a manifest .jsonl/.json "
+                                        "holds one JSON object per line")
                 if not isinstance(record, dict):
                     raise ManifestError(f"{path}:{number}: expected a JSON object per line, got "
                                         f"{type(record).__name__}")

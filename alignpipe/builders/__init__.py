@@ -8,7 +8,13 @@ BuildResult. Media cells are relative to the manifest's folder when the file lie
 absolute otherwise.
 """
 
-from alignpipe.builders._common import CHECK_POLICIES, BuildResult, CheckPolicy, check_policy
+from alignpipe.builders._common import (
+    CHECK_POLICIES,
+    BuildResult,
+    CheckPolicy,
+    SplitPlan,
+    check_policy,
+)
 from alignpipe.builders.audio import build_audiocaps, build_clotho
 from alignpipe.builders.classes import (
     TEMPLATE_SETS,
@@ -23,6 +29,7 @@ from alignpipe.builders.classes import (
 from alignpipe.builders.folder import build_folder
 from alignpipe.builders.imagenet import build_imagenet, devkit_id_to_wnid
 from alignpipe.builders.karpathy import build_karpathy
+from alignpipe.builders.split import build_split
 from alignpipe.builders.web import (
     build_caption_table,
     build_cc3m,
@@ -32,9 +39,10 @@ from alignpipe.builders.web import (
 )
 
 __all__ = [
-    "CHECK_POLICIES", "TEMPLATE_SETS", "BuildResult", "CheckPolicy", "build_audiocaps",
-    "build_caption_table", "build_cc3m", "build_clotho", "build_folder", "build_imagenet",
-    "build_img2dataset", "build_karpathy", "build_prompts", "build_webdataset", "check_policy",
+    "CHECK_POLICIES", "TEMPLATE_SETS", "BuildResult", "CheckPolicy", "SplitPlan",
+    "build_audiocaps", "build_caption_table", "build_cc3m", "build_clotho", "build_folder",
+    "build_imagenet", "build_img2dataset", "build_karpathy", "build_prompts", "build_split",
+    "build_webdataset", "check_policy",
     "devkit_id_to_wnid", "expand_braces", "imagenet_class_names", "imagenet_classes",
     "imagenet_wnids", "read_class_names", "read_templates", "templates",
 ]

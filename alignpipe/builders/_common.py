@@ -8,10 +8,12 @@ apart from its data survives being moved on its own). An archive member is ``ARC
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
@@ -119,6 +121,7 @@ class BuildResult:
     rows: int
     splits: dict[str, int]
     skipped: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         parts = [f"wrote {self.path} ({self.rows} rows"]
@@ -127,7 +130,145 @@ class BuildResult:
         text = "".join(parts) + ")"
         if self.skipped:
             text += "; left out " + ", ".join(f"{v} {k}" for k, v in self.skipped.items())
+        for note in self.notes:
+            text += f"; {note}"
         return text
+
+
+# ---- seeded train/val/test splits --------------------------------------------------------------
+@dataclass(frozen=True)
+class SplitPlan:
+    """Assign train/val/test by hashing each item with `seed`: the same ids and seed give the
+    same split whatever the row order, and each split gets its fraction of the items exactly,
+    to within one item (largest remainders). Rows that share an image or audio file are one
+    item, so five captions of one image never straddle train and test. An existing split column
+    is kept unless `override`."""
+
+    fractions: tuple[Fraction, Fraction, Fraction]
+    seed: int = 0
+    override: bool = False
+
+    @classmethod
+    def parse(cls, fractions: str | Sequence[float | str], seed: int = 0,
+              override: bool = False) -> SplitPlan:
+        return cls(parse_fractions(fractions), seed, override)
+
+
+def _fraction(value: float | str) -> Fraction:
+    try:
+        # repr of a float is its shortest decimal, so 0.1 is 1/10 and 0.7+0.2+0.1 sums to 1.
+        return Fraction(value.strip() if isinstance(value, str) else repr(float(value)))
+    except (ValueError, ZeroDivisionError, TypeError):
+        raise ManifestError(f"--split-fractions: {value!r} is not a number") from None
+
+
+def parse_fractions(spec: str | Sequence[float | str]) -> tuple[Fraction, Fraction, Fraction]:
+    """``"0.8,0.1,0.1"`` (train,val,test) or ``"0.9,0.1"`` (no test) -> three exact fractions
+    that are not negative and sum to 1."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    if len(items) not in (2, 3):
+        raise ManifestError(f"--split-fractions {spec!r}: give train,val,test fractions "
+                            "(e.g. 0.8,0.1,0.1) or train,val")
+    values = [_fraction(v) for v in items] + [Fraction(0)] * (3 - len(items))
+    negative = [str(v) for v in items if _fraction(v) < 0]
+    if negative:
+        raise ManifestError(f"--split-fractions {spec!r}: fractions cannot be negative "
+                            f"({', '.join(negative)})")
+    if sum(values) != 1:
+        raise ManifestError(f"--split-fractions {spec!r}: fractions must sum to 1, these sum to "
+                            f"{float(sum(values)):g}")
+    return values[0], values[1], values[2]
+
+
+def split_counts(items: int, fractions: Sequence[Fraction]) -> list[int]:
+    """How many of `items` each split gets: floor(items * f), the leftovers going to the largest
+    remainders (ties to the earlier split), so the counts sum to `items` exactly."""
+    raw = [items * Fraction(f) for f in fractions]
+    counts = [int(r) for r in raw]  # floor: every r >= 0
+    order = sorted(range(len(raw)), key=lambda k: (-(raw[k] - counts[k]), k))
+    for k in order[:items - sum(counts)]:
+        counts[k] += 1
+    return counts
+
+
+def item_groups(ids: Sequence[str], media: Iterable[Sequence[str | None]]) -> list[int]:
+    """Group number per row: rows that share any media cell (an image, an audio file) are one
+    group, all other rows are their own group."""
+    parent = list(range(len(ids)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for column in media:
+        first: dict[str, int] = {}
+        for i, cell in enumerate(column):
+            if cell:
+                j = first.setdefault(cell, i)
+                if j != i:
+                    parent[root(i)] = root(j)
+    return [root(i) for i in range(len(ids))]
+
+
+def assign_splits(ids: Sequence[str], fractions: Sequence[Fraction], seed: int = 0,
+                  groups: Sequence[int] | None = None) -> list[str]:
+    """train/val/test per row: items ordered by a seeded hash of their smallest id, then cut
+    into runs of `split_counts` items. Independent of row order; same seed, same split."""
+    groups = list(range(len(ids))) if groups is None else list(groups)
+    name: dict[int, str] = {}
+    for g, i in zip(groups, ids, strict=True):
+        if g not in name or i < name[g]:
+            name[g] = i
+
+    def key(g: int) -> tuple[bytes, str]:
+        text = f"{seed}\x00{name[g]}".encode()
+        return hashlib.blake2b(text, digest_size=8).digest(), name[g]
+
+    order = sorted(name, key=key)
+    split_of: dict[int, str] = {}
+    start = 0
+    for split, count in zip(SPLITS, split_counts(len(order), fractions), strict=True):
+        for g in order[start:start + count]:
+            split_of[g] = split
+        start += count
+    return [split_of[g] for g in groups]
+
+
+def apply_splits(data: dict[str, list], plan: SplitPlan) -> list[str]:
+    """Set ``data["split"]`` by `plan` (unless a split column exists and `plan.override` is
+    off); returns what the summary should say about it."""
+    existing = data.get("split")
+    had = existing is not None and any(v is not None for v in existing)
+    if had and not plan.override:
+        return ["kept the existing split column (pass --override-split to reassign it)"]
+    ids = data["id"]
+    groups = item_groups(ids, [data[c] for c in PATH_COLUMNS if c in data])
+    data["split"] = assign_splits(ids, plan.fractions, plan.seed, groups)
+    items = len(set(groups))
+    fractions = ",".join(f"{float(f):g}" for f in plan.fractions)
+    notes = [f"{'replaced the existing split column with ' if had else ''}"
+             f"splits {fractions} assigned with seed {plan.seed}"
+             + (f" over {items} media items" if items != len(ids) else "")]
+    empty = [s for s, f in zip(SPLITS, plan.fractions, strict=True)
+             if f > 0 and s not in data["split"]]
+    if empty:
+        notes.append(f"{', '.join(empty)} got no rows: {items} items are too few for these "
+                     "fractions")
+    return notes
+
+
+def single_split(split: str | None, plan: SplitPlan | None, default: str | None) -> str | None:
+    """The one split a builder writes on every row, or None when `plan` assigns splits."""
+    if plan is not None:
+        if split is not None:
+            raise ManifestError("give --split (one split for every row) or --split-fractions, "
+                                "not both")
+        return None
+    split = default if split is None else split
+    require_split(split)
+    return split
 
 
 def missing_media(rows: Rows, manifest_dir: Path) -> list[tuple[int, str]]:
@@ -160,9 +301,17 @@ def apply_check(rows: Rows, manifest_dir: Path, policy: CheckPolicy, where: str)
     return len(bad)
 
 
+def split_summary(values: Sequence[str], assigned: bool) -> dict[str, int]:
+    counts = Counter(values)
+    # Assigned splits appear in hash order; list them train, val, test.
+    return {s: counts[s] for s in SPLITS if counts[s]} if assigned else dict(counts)
+
+
 def finish(rows: Rows, out: str | Path, policy: CheckPolicy, where: str,
-           skipped: dict[str, int] | None = None) -> BuildResult:
-    """Check media, validate against the manifest format, and write `out` atomically."""
+           skipped: dict[str, int] | None = None,
+           split_plan: SplitPlan | None = None) -> BuildResult:
+    """Check media, assign splits (`split_plan`), validate against the manifest format, and write
+    `out` atomically."""
     out = Path(out)
     skipped = {k: v for k, v in (skipped or {}).items() if v}
     dropped = apply_check(rows, manifest_dir_of(out), policy, where)
@@ -170,10 +319,12 @@ def finish(rows: Rows, out: str | Path, policy: CheckPolicy, where: str,
         skipped["rows with missing media"] = dropped
     if not len(rows):
         raise ManifestError(f"{where}: no rows left to write")
+    notes = apply_splits(rows.data, split_plan) if split_plan is not None else []
     table = validate(rows.table(), out)
     write_manifest(table, out)
-    splits = dict(Counter(rows.data["split"])) if "split" in rows.data else {}
-    return BuildResult(path=out, rows=len(rows), splits=splits, skipped=skipped)
+    splits = (split_summary(rows.data["split"], split_plan is not None)
+              if "split" in rows.data else {})
+    return BuildResult(path=out, rows=len(rows), splits=splits, skipped=skipped, notes=notes)
 
 
 def read_text(path: Path, what: str) -> str:

@@ -73,17 +73,30 @@ class AudioIndex:
 
 def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
     """(line number, row) of a quoted CSV whose header has every `required` column."""
-    reader = csv.DictReader(io.StringIO(read_text(path, "captions CSV"), newline=""))
-    header = [h.strip() for h in reader.fieldnames or []]
-    absent = [c for c in required if c not in header]
-    if absent:
-        raise ManifestError(f"{path}: missing column(s) {', '.join(absent)} (columns: "
-                            f"{', '.join(header) or 'none'})")
+    # strict: a quote left open is an error, not a caption that swallows the rows after it.
+    reader = csv.DictReader(io.StringIO(read_text(path, "captions CSV"), newline=""),
+                            strict=True)
+    start = 1  # line where the record being read starts
     try:
-        return [(reader.line_num, {k.strip(): (v or "").strip() for k, v in row.items()
-                                   if k is not None}) for row in reader]
+        header = [h.strip() for h in reader.fieldnames or []]
+        absent = [c for c in required if c not in header]
+        if absent:
+            raise ManifestError(f"{path}: missing column(s) {', '.join(absent)} (columns: "
+                                f"{', '.join(header) or 'none'})")
+        rows = []
+        start = reader.line_num + 1
+        for row in reader:
+            if None in row:  # more fields than the header: the caption would lose its tail
+                raise ManifestError(f"{path}:{start}: {len(header) + len(row[None])} fields "
+                                    f"where the header has {len(header)}; quote a caption "
+                                    "that holds a comma")
+            rows.append((start, {k.strip(): (v or "").strip() for k, v in row.items()}))
+            start = reader.line_num + 1
+        return rows
     except csv.Error as err:
-        raise ManifestError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
+        hint = " (a quote opened in this row is never closed)" if "end of data" in str(err) \
+            else ""
+        raise ManifestError(f"{path}:{start}: malformed CSV ({err}){hint}") from None
 
 
 def _refuse_empty(path: Path, rows: list[tuple[int, dict[str, str]]],

@@ -16,15 +16,17 @@ from alignpipe.builders._common import (
     BuildResult,
     CheckPolicy,
     Rows,
+    SplitPlan,
     finish,
     listing,
     manifest_dir_of,
     media_cell,
     read_text,
     require_dir,
-    require_split,
+    single_split,
 )
 from alignpipe.errors import ManifestError
+from alignpipe.manifest import is_blank_text
 
 
 def _kind(name: str) -> str | None:
@@ -60,9 +62,13 @@ def group_files(root: Path) -> dict[str, dict[str, Path]]:
 
 def build_folder(source: str | Path, out: str | Path, label_from_folder: bool = False,
                  split: str | None = None, skip_incomplete: bool = False,
-                 check: CheckPolicy = "error") -> BuildResult:
-    """Manifest of every image/audio file under `source`, captioned by same-stem .txt files."""
-    require_split(split)
+                 check: CheckPolicy = "error", split_plan: SplitPlan | None = None,
+                 ) -> BuildResult:
+    """Manifest of every image/audio file under `source`, captioned by same-stem .txt files.
+
+    `split` writes one split on every row; `split_plan` assigns seeded train/val/test instead.
+    """
+    split = single_split(split, split_plan, None)
     root = require_dir(Path(source), "media folder")
     groups = {k: g for k, g in sorted(group_files(root).items()) if "image" in g or "audio" in g}
     if not groups:
@@ -81,7 +87,7 @@ def build_folder(source: str | Path, out: str | Path, label_from_folder: bool = 
     uncaptioned = []
     for key, group in groups.items():
         text = read_text(group["text"], "caption").strip() if "text" in group else None
-        if "text" in kinds and not text:
+        if "text" in kinds and is_blank_text(text):
             uncaptioned.append(key)
             continue
         media = {k: media_cell(group[k], manifest_dir) for k in ("image", "audio") if k in group}
@@ -93,4 +99,4 @@ def build_folder(source: str | Path, out: str | Path, label_from_folder: bool = 
                             "--skip-incomplete to leave them out.")
     # Every cell came from the walk above, so re-listing the folders to check them finds nothing.
     return finish(rows, out, "off", str(root), {"media files without a caption":
-                                                len(uncaptioned)})
+                                                len(uncaptioned)}, split_plan)

@@ -25,6 +25,7 @@ from alignpipe.builders._common import (
     BuildResult,
     CheckPolicy,
     Rows,
+    SplitPlan,
     archive_cell,
     finish,
     has_ext,
@@ -33,9 +34,10 @@ from alignpipe.builders._common import (
     media_cell,
     read_text,
     require_dir,
-    require_split,
+    single_split,
 )
 from alignpipe.errors import ManifestError
+from alignpipe.manifest import is_blank_text
 
 CAPTION_COLUMNS = ("caption", "title", "text", "TEXT")
 PATH_COLUMNS = ("filepath", "image", "image_path", "path", "file", "filename")
@@ -60,32 +62,38 @@ def _pick_column(header: list[str], given: str | None, candidates: tuple[str, ..
 
 
 def _csv_rows(path: Path):
-    """(line number, fields) of a TSV (no quoting, as CC3M's files are) or a quoted CSV."""
+    """(line number, fields) of a TSV (no quoting, as CC3M's files are) or a quoted CSV; a quote
+    left open (which would swallow the rows after it into one caption) is an error."""
     handle = open(path, newline="", encoding="utf-8-sig")
-    reader = None
+    start = 1  # line where the record being read starts
     try:
         if path.suffix.lower() == ".csv":
-            reader = csv.reader(handle)
+            reader = csv.reader(handle, strict=True)
         else:
             reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
         for fields in reader:
-            yield reader.line_num, fields
-    except (csv.Error, UnicodeDecodeError) as err:
-        line = reader.line_num + 1 if reader is not None else 1
-        raise ManifestError(f"{path}: unreadable near line {line}: {err}") from None
+            yield start, fields
+            start = reader.line_num + 1
+    except csv.Error as err:
+        hint = " (a quote opened in this row is never closed)" if "end of data" in str(err) \
+            else ""
+        raise ManifestError(f"{path}:{start}: malformed CSV: {err}{hint}") from None
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path}: not UTF-8 text near line {start} ({err.reason})") from None
     finally:
         handle.close()
 
 
 def build_caption_table(source: str | Path, out: str | Path, caption_column: str | None = None,
                         path_column: str | None = None, id_column: str | None = None,
-                        images: str | Path | None = None, split: str = "train",
+                        images: str | Path | None = None, split: str | None = None,
                         skip_incomplete: bool = False, check: CheckPolicy = "error",
-                        ) -> BuildResult:
-    """Manifest from a TSV/CSV of downloaded files; paths relative to `images` or the file."""
+                        split_plan: SplitPlan | None = None) -> BuildResult:
+    """Manifest from a TSV/CSV of downloaded files; paths relative to `images` or the file.
+    Every row gets `split` (default train), or `split_plan` assigns seeded splits."""
     source = Path(source)
-    require_split(split)
+    split = single_split(split, split_plan, "train")
     if not source.is_file():
         raise ManifestError(f"{source}: caption table not found")
     lines = _csv_rows(source)
@@ -99,15 +107,19 @@ def build_caption_table(source: str | Path, out: str | Path, caption_column: str
     key = _pick_column(header, id_column, (), "id", source) if id_column else None
     status = header.index("status") if "status" in header else None
     root = Path(images) if images is not None else source.parent
-    rows = Rows(["id", "image", "text", "split"])
+    rows = Rows(["id", "image", "text", *(["split"] if split else [])])
     manifest_dir = manifest_dir_of(out)
     incomplete, failed = [], 0
     for index, (number, fields) in enumerate(lines):
+        if len(fields) > len(header):  # the cells after a stray delimiter would be misread
+            raise ManifestError(f"{source}:{number}: {len(fields)} fields where the header has "
+                                f"{len(header)}; a caption holding the delimiter must be quoted "
+                                "(CSV) or the delimiter removed (TSV)")
         if status is not None and _field(fields, status) not in ("", "success"):
             failed += 1  # img2dataset keeps failed downloads in its table with their status
             continue
         text, file = _field(fields, cap), _field(fields, pth)
-        if not text or not file:
+        if is_blank_text(text) or not file:
             incomplete.append(f"line {number}")
             continue
         rows.add(id=_field(fields, key) if key is not None else f"{index:09d}",
@@ -115,7 +127,7 @@ def build_caption_table(source: str | Path, out: str | Path, caption_column: str
     _refuse_incomplete(incomplete, skip_incomplete, f"{source}: rows with an empty caption or "
                        "path")
     skipped = {"failed downloads": failed, "rows with an empty caption or path": len(incomplete)}
-    return finish(rows, out, check, f"{source} (images under {root})", skipped)
+    return finish(rows, out, check, f"{source} (images under {root})", skipped, split_plan)
 
 
 def _field(fields: list[str], i: int) -> str:
@@ -153,10 +165,11 @@ def _sidecar_caption(folder: Path, stem: str, names: set[str]) -> str | None:
     return None
 
 
-def build_img2dataset(source: str | Path, out: str | Path, split: str = "train",
-                      skip_incomplete: bool = False, check: CheckPolicy = "error") -> BuildResult:
+def build_img2dataset(source: str | Path, out: str | Path, split: str | None = None,
+                      skip_incomplete: bool = False, check: CheckPolicy = "error",
+                      split_plan: SplitPlan | None = None) -> BuildResult:
     """Manifest from img2dataset's files layout; rows by shard folder, then by key."""
-    require_split(split)
+    split = single_split(split, split_plan, "train")
     source = require_dir(Path(source), "img2dataset output folder")
     shards = sorted((p for p in source.iterdir() if p.is_dir() and p.name.isdigit()),
                     key=lambda p: (int(p.name), p.name))
@@ -165,7 +178,7 @@ def build_img2dataset(source: str | Path, out: str | Path, split: str = "train",
             if any(source.glob("*.tar")) else ""
         raise ManifestError(f"{source}: no numbered shard folders (00000/, 00001/, ...) as "
                             f"img2dataset writes them{hint}")
-    rows = Rows(["id", "image", "text", "split"])
+    rows = Rows(["id", "image", "text", *(["split"] if split else [])])
     manifest_dir = manifest_dir_of(out)
     incomplete: list[str] = []
     for shard in shards:
@@ -174,7 +187,7 @@ def build_img2dataset(source: str | Path, out: str | Path, split: str = "train",
         for name in sorted(n for n in names if has_ext(n, IMAGE_EXTS)):
             stem = os.path.splitext(name)[0]
             text = captions.get(stem) or _sidecar_caption(shard, stem, names)
-            if text is None:
+            if is_blank_text(text):
                 incomplete.append(f"{shard.name}/{name}")
                 continue
             rows.add(id=stem, image=media_cell(shard / name, manifest_dir), text=text.strip(),
@@ -182,7 +195,8 @@ def build_img2dataset(source: str | Path, out: str | Path, split: str = "train",
     _refuse_incomplete(incomplete, skip_incomplete, f"{source}: images with no caption (.txt, "
                        ".json or shard parquet)")
     # Every cell came from a shard listing above, so re-listing the shards finds nothing missing.
-    return finish(rows, out, "off", str(source), {"images with no caption": len(incomplete)})
+    return finish(rows, out, "off", str(source), {"images with no caption": len(incomplete)},
+                  split_plan)
 
 
 # ---- webdataset tars ---------------------------------------------------------------------------
@@ -267,20 +281,21 @@ def read_shard(tar: Path) -> list[tuple[str, str | None, str | None]]:
     return [tuple(s) for s in samples.values()]  # type: ignore[misc]
 
 
-def build_webdataset(shards: str | Path, out: str | Path, split: str = "train",
-                     skip_incomplete: bool = False, check: CheckPolicy = "error") -> BuildResult:
+def build_webdataset(shards: str | Path, out: str | Path, split: str | None = None,
+                     skip_incomplete: bool = False, check: CheckPolicy = "error",
+                     split_plan: SplitPlan | None = None) -> BuildResult:
     """Manifest from webdataset tars: image ``shard.tar::member``, text from the .txt member."""
-    require_split(split)
+    split = single_split(split, split_plan, "train")
     tars, missing = shard_paths(shards, check)
     if not tars:
         raise ManifestError(f"{shards}: no tar shards to read")
-    rows = Rows(["id", "image", "text", "split"])
+    rows = Rows(["id", "image", "text", *(["split"] if split else [])])
     manifest_dir = manifest_dir_of(out)
     incomplete: list[str] = []
     first_tar: dict[str, Path] = {}
     for tar in tars:
         for key, image, text in read_shard(tar):
-            if image is None or not text:
+            if image is None or is_blank_text(text):
                 incomplete.append(f"{tar.name}:{key}")
                 continue
             if key in first_tar:
@@ -291,18 +306,19 @@ def build_webdataset(shards: str | Path, out: str | Path, split: str = "train",
     _refuse_incomplete(incomplete, skip_incomplete, f"{shards}: samples without an image or a "
                        ".txt caption")
     skipped = {"missing shards": missing, "samples without image or caption": len(incomplete)}
-    return finish(rows, out, check, str(shards), skipped)
+    return finish(rows, out, check, str(shards), skipped, split_plan)
 
 
 def build_cc3m(source: str | Path, out: str | Path, caption_column: str | None = None,
                path_column: str | None = None, id_column: str | None = None,
-               images: str | Path | None = None, split: str = "train",
-               skip_incomplete: bool = False, check: CheckPolicy = "error") -> BuildResult:
+               images: str | Path | None = None, split: str | None = None,
+               skip_incomplete: bool = False, check: CheckPolicy = "error",
+               split_plan: SplitPlan | None = None) -> BuildResult:
     """CC3M/CC12M: a TSV/CSV file of downloaded files, or an img2dataset files folder."""
     if Path(source).is_dir():
         if caption_column or path_column or id_column or images:
             raise ManifestError(f"{source}: is an img2dataset folder; the column and --images "
                                 "options only apply to a TSV/CSV source")
-        return build_img2dataset(source, out, split, skip_incomplete, check)
+        return build_img2dataset(source, out, split, skip_incomplete, check, split_plan)
     return build_caption_table(source, out, caption_column, path_column, id_column, images,
-                               split, skip_incomplete, check)
+                               split, skip_incomplete, check, split_plan)

@@ -1,0 +1,36 @@
+"""Seeded train/val/test splits for a manifest that has none (``alignpipe manifest split``).
+
+Adding a split column by hand changes the manifest's sha256 and so invalidates every store made
+from it; assign the splits once, before embedding, with a seed that makes them reproducible.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from alignpipe.builders._common import BuildResult, SplitPlan, apply_splits, split_summary
+from alignpipe.errors import ManifestError
+from alignpipe.manifest import PATH_COLUMNS, read_manifest, validate, write_manifest
+
+
+def build_split(source: str | Path, out: str | Path, plan: SplitPlan) -> BuildResult:
+    """`source` (any manifest format) with a split column assigned by `plan`, written to `out`
+    (parquet); every other column and the row order are kept."""
+    out = Path(out)
+    if out.suffix.lower() != ".parquet":
+        raise ManifestError(f"{out}: manifests are written as parquet; name the output .parquet")
+    manifest = read_manifest(source)
+    table = manifest.table
+    data = {name: manifest.column(name) for name in ("id", *PATH_COLUMNS, "split")
+            if manifest.has(name)}
+    notes = apply_splits(data, plan)
+    split = pa.array(data["split"], pa.string()) if "split" in data else None
+    if split is not None and manifest.has("split"):
+        table = table.set_column(table.column_names.index("split"), "split", split)
+    elif split is not None:
+        table = table.append_column("split", split)
+    write_manifest(validate(table, out), out)
+    return BuildResult(path=out, rows=table.num_rows,
+                       splits=split_summary(data.get("split") or [], True), notes=notes)
