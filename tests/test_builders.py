@@ -113,7 +113,11 @@ def test_media_cell_relative_inside_absolute_outside(tmp_path):
 def test_prompts_imagenet_asif7(tmp_path):
     result = build_prompts(tmp_path / "p.parquet", "imagenet", "asif7")
     m = read_manifest(result.path)
-    assert m.rows == result.rows == 7000 and m.columns == ["id", "text", "label"]
+    assert m.rows == result.rows == 7000 and m.columns == ["id", "text", "label", "class_id"]
+    # CLIP's two "missile" classes keep their own wnids (zero-shot keys classes by class_id)
+    missile = {i for i, n in zip(m.column("class_id"), m.column("label"), strict=True)
+               if n == "missile"}
+    assert missile == {"n03773504", "n04008634"} and len(set(m.column("class_id"))) == 1000
     assert m.ids[:2] == ["c0000-t000", "c0000-t001"]
     assert m.column("text")[0] == "itap of a tench." and m.column("label")[6999] == "toilet paper"
 
@@ -124,6 +128,10 @@ def test_prompts_from_files_and_bad_template_line(tmp_path):
     m = read_manifest(build_prompts(tmp_path / "p.parquet", classes, good).path)
     assert m.column("text") == ["a photo of a cat.", "a cat drawing", "a photo of a dog.",
                                 "a dog drawing"]
+    assert "class_id" not in m.columns                 # names from a file are the keys
+    twice = write(tmp_path / "twice.txt", "cat\ndog\ncat\n")
+    with pytest.raises(ManifestError, match=r"twice\.txt: line 3 repeats line 1 \('cat'\)"):
+        build_prompts(tmp_path / "r.parquet", twice, good)
     bad = write(tmp_path / "bad.txt", "a photo of a {}.\na photo of a {c}.\n")
     with pytest.raises(ManifestError, match=r"bad\.txt: line\(s\) 2 must contain exactly one"):
         build_prompts(tmp_path / "q.parquet", classes, bad)
@@ -143,11 +151,11 @@ def test_imagenet_class_folders(tmp_path):
     write(tmp_path / "imagenet" / "val" / "n01440764" / "notes.md", "ignored: not an image")
     result = build_imagenet(tmp_path / "imagenet", tmp_path / "imagenet" / "val.parquet")
     m = read_manifest(result.path)
-    assert m.columns == ["id", "image", "label", "wnid", "split"]
+    assert m.columns == ["id", "image", "label", "class_id", "split"]
     assert m.ids == ["ILSVRC2012_val_00000001", "ILSVRC2012_val_00000002",
                      "ILSVRC2012_val_00000293"]
     assert m.column("label") == ["goldfish", "toilet paper", "tench"]
-    assert m.column("wnid") == ["n01443537", "n15075141", "n01440764"]
+    assert m.column("class_id") == ["n01443537", "n15075141", "n01440764"]
     assert set(m.column("split")) == {"test"}
     assert m.column("image")[0] == "val/n01443537/ILSVRC2012_val_00000001.JPEG"
     assert cells_resolve(m, "image")
@@ -171,7 +179,7 @@ def test_imagenet_flat_with_pair_labels_matches_folder_layout(tmp_path):
         m = read_manifest(build_imagenet(flat, out, labels=write(tmp_path / name, text)).path)
         assert m.ids == ["ILSVRC2012_val_00000001", "ILSVRC2012_val_00000002",
                          "ILSVRC2012_val_00000293"], name
-        assert m.column("wnid") == ["n01443537", "n15075141", "n01440764"], name
+        assert m.column("class_id") == ["n01443537", "n15075141", "n01440764"], name
         assert cells_resolve(m, "image")
         assert m.column("image")[0] == str(flat / "ILSVRC2012_val_00000001.JPEG")  # outside
 
@@ -195,7 +203,7 @@ def test_imagenet_devkit_ground_truth_uses_devkit_order(tmp_path):
                                      devkit_meta=devkit / "map_clsloc.txt").path)
     # ID 1000 -> first sorted wnid in this fake order, ID 1 -> last; a sorted-order reading of
     # the indices would give the opposite.
-    assert m.column("wnid") == ["n01440764", "n15075141", imagenet_wnids()[500]]
+    assert m.column("class_id") == ["n01440764", "n15075141", imagenet_wnids()[500]]
     assert m.column("label")[:2] == ["tench", "toilet paper"]
 
 
@@ -209,7 +217,7 @@ def test_imagenet_devkit_meta_mat(tmp_path):
     scipy_io.savemat(tmp_path / "meta.mat", {"synsets": synsets})
     truth = write(tmp_path / "ILSVRC2012_validation_ground_truth.txt", "1\n")
     m = read_manifest(build_imagenet(flat, tmp_path / "m.parquet", labels=truth).path)
-    assert m.column("wnid") == ["n15075141"]
+    assert m.column("class_id") == ["n15075141"]
 
 
 def test_imagenet_errors(tmp_path):

@@ -108,10 +108,12 @@ def test_retrieval_through_the_cli(fitted, method):
                                  "--run", str(runs[method])])
     assert result.exit_code == 0, result.output
     assert "image to text" in result.output
-    saved = json.loads((runs[method] / "eval-retrieval-test.json").read_text())
+    stem = "eval-retrieval-test__synthetic-synthetic-a__synthetic-synthetic-b"
+    saved = json.loads((runs[method] / f"{stem}.json").read_text())
     assert saved["method"] == method and saved["items"] == {"image": 80, "text": 160}
-    for name in ("eval-retrieval-test.md", "eval-retrieval-test.png"):
+    for name in (f"{stem}.md", f"{stem}.png"):
         assert (runs[method] / name).exists()
+    assert f"wrote {runs[method] / stem}.json" in " ".join(result.output.split())
     # the stores in the other order: the same numbers under swapped names
     swapped = eval_retrieval(runs[method], data.store_b, data.store_a,
                              output=runs[method] / "swapped.json")

@@ -4,7 +4,8 @@
   (the order of torchvision/timm class indices). Names are CLIP's hand-cleaned ones from its
   ImageNet prompt-engineering notebook, kept verbatim so zero-shot numbers match CLIP and ASIF:
   that list repeats two names ("missile" for n03773504/n04008634, "sunglasses" for
-  n04355933/n04356056), so there are 998 distinct labels; the ``wnid`` column tells them apart.
+  n04355933/n04356056), so there are 998 distinct labels; the wnid tells them apart, and the
+  ImageNet and prompts builders write it as ``class_id``, which zero-shot keys classes by.
 - ``templates_clip80.txt``: CLIP's 80 ImageNet templates; ``templates_asif7.txt``: the 7-template
   subset from the same notebook, which ASIF uses; ``templates_photo.txt``: "a photo of a {}.".
 """
@@ -64,14 +65,28 @@ def _lines(path: Path, what: str) -> list[tuple[int, str]]:
 
 
 def read_class_names(spec: str | Path) -> list[str]:
-    """``imagenet`` or a text file with one class name per line (``#`` lines are comments)."""
+    """``imagenet`` or a text file with one class name per line (``#`` lines are comments).
+
+    A file may not repeat a name: its classes are keyed by name, so two would become one.
+    """
     if str(spec) in CLASS_SETS:
         return imagenet_class_names()
     path = Path(spec)
-    names = [text for _, text in _lines(path, "class names file")]
-    if not names:
+    found = _lines(path, "class names file")
+    if not found:
         raise ManifestError(f"{path}: no class names (one per line expected)")
-    return names
+    first: dict[str, int] = {}
+    repeats = [f"line {n} repeats line {first[t]} ({t!r})" for n, t in found
+               if first.setdefault(t, n) != n]
+    if repeats:
+        raise ManifestError(f"{path}: {'; '.join(repeats[:3])}; zero-shot keys classes by name, "
+                            f"so each class needs its own")
+    return [text for _, text in found]
+
+
+def read_class_ids(spec: str | Path) -> list[str] | None:
+    """The class ids written as ``class_id`` for a shipped class set (wnids), else None."""
+    return imagenet_wnids() if str(spec) == "imagenet" else None
 
 
 def read_templates(spec: str | Path) -> list[str]:
@@ -95,12 +110,24 @@ def read_templates(spec: str | Path) -> list[str]:
 
 def build_prompts(out: str | Path, classes: str | Path = "imagenet",
                   template_set: str | Path = "clip80") -> BuildResult:
-    """Prompts manifest: one row per (class, template) with columns id, text, label."""
-    from alignpipe.toy import write_prompts
+    """Prompts manifest: one row per (class, template) with columns id, text, label, and for
+    ``imagenet`` class_id (the wnid: CLIP's names repeat "missile" and "sunglasses")."""
+    import pyarrow as pa
+
+    from alignpipe.manifest import write_manifest
 
     names = read_class_names(classes)
+    class_ids = read_class_ids(classes)
     texts = read_templates(template_set)
     # ids c####-t### are unique and non-empty by construction, so there is nothing to re-read
     # and validate.
-    path = write_prompts(out, names, texts)
+    columns: dict[str, list[str]] = {"id": [], "text": [], "label": []}
+    for c, name in enumerate(names):
+        for t, template in enumerate(texts):
+            columns["id"].append(f"c{c:04d}-t{t:03d}")
+            columns["text"].append(template.format(name))
+            columns["label"].append(name)
+    if class_ids is not None:
+        columns["class_id"] = [i for i in class_ids for _ in texts]
+    path = write_manifest(pa.table(columns), out)
     return BuildResult(path=path, rows=len(names) * len(texts), splits={})

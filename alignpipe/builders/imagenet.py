@@ -12,6 +12,10 @@
      extension-less file names (Kaggle's ``LOC_val_solution.csv``) are accepted.
 
 Rows are sorted by file name, so both layouts give the same manifest (devkit order for val).
+``label`` is CLIP's class name, which repeats for two pairs of classes ("missile",
+"sunglasses"); ``class_id`` is the wnid, which zero-shot keys classes by when the prompts
+manifest has one too (``manifest prompts --classes imagenet`` writes it), so all 1000 classes
+are scored apart.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ DEVKIT_FILE = "ILSVRC2012_val_{:08d}.JPEG"
 def build_imagenet(source: str | Path, out: str | Path, labels: str | Path | None = None,
                    devkit_meta: str | Path | None = None,
                    check: CheckPolicy = "error") -> BuildResult:
-    """Manifest of ImageNet val: id (file stem), image, label (CLIP name), wnid, split=test."""
+    """Manifest of ImageNet val: id (file stem), image, label (CLIP name), class_id (wnid),
+    split=test."""
     source = require_dir(Path(source), "ImageNet image folder")
     skipped: dict[str, int] = {}
     if labels is None:
@@ -52,11 +57,11 @@ def build_imagenet(source: str | Path, out: str | Path, labels: str | Path | Non
     else:
         items, skipped = _labelled_items(source, Path(labels), devkit_meta)
     names = dict(imagenet_classes())
-    rows = Rows(["id", "image", "label", "wnid", "split"])
+    rows = Rows(["id", "image", "label", "class_id", "split"])
     manifest_dir = manifest_dir_of(out)
     for path, wnid in sorted(items, key=lambda item: (item[0].name, str(item[0]))):
         rows.add(id=path.stem, image=media_cell(path, manifest_dir), label=names[wnid],
-                 wnid=wnid, split="test")
+                 class_id=wnid, split="test")
     return finish(rows, out, check, str(source), skipped)
 
 
