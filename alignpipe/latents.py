@@ -1,48 +1,183 @@
 """Stage two's view of the stores: which rows pair up, which media items they show, on a device.
 
 Shared by fit, evaluate and similarity, so all three refuse the same mistakes with the same
-words: stores of different manifests, the same modality twice, latents of another encoder.
+words: stores of different manifests, the same modality twice, latents of another encoder, a
+damaged or unfinished store, a manifest that is gone or changed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shlex
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from alignpipe import devices
 from alignpipe.errors import StoreError
 from alignpipe.manifest import PATH_COLUMNS, Manifest, read_manifest
 from alignpipe.methods.base import Pairs
-from alignpipe.store import LatentStore, open_store
+from alignpipe.store import DEFAULT_UNIT_ROWS, LatentStore, encoder_dirname, open_store
 
 # Encoder attrs that say which function made the latents (provenance like an import's source
 # file is left out: the prompts of a zero-shot eval are imported from another file).
 ENCODER_IDENTITY = ("name", "backend", "model_id", "revision", "weights_sha256", "pooling", "dim")
+# Rows are read a block of whole chunks at a time (about this many bytes in the stored dtype), so
+# reading most of a large store never holds more than the selected rows plus one block.
+READ_BLOCK_BYTES = 32 << 20
+# What `--manifest` accepts: one manifest or several (zero-shot's query and prompts manifests).
+ManifestArg = str | Path | Manifest | Sequence[str | Path | Manifest] | None
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    if device not in (None, "", "auto"):
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+    """The checked device (a missing GPU is a DeviceError listing what the machine has)."""
+    return devices.resolve_device(device)
 
 
 def as_store(store: str | Path | LatentStore) -> LatentStore:
     return store if isinstance(store, LatentStore) else open_store(store)
 
 
-def store_manifest(store: LatentStore) -> Manifest:
-    """The manifest a store was built from, checked against the sha256 the store recorded."""
-    path = store.manifest_info.get("path")
-    if not path or not Path(path).exists():
-        raise StoreError(f"{store.path}: the store was built from manifest {path}, which is not "
-                         f"there any more; stage two needs it for splits and media paths")
-    manifest = read_manifest(path)
-    store.check_manifest(manifest)
-    return manifest
+# ---- opening stores for stage two ---------------------------------------------------------------
+def manifest_locations(store: LatentStore) -> list[Path]:
+    """Where a store's manifest may be: at its path relative to the store (which follows a
+    project moved as a whole), then at the absolute path recorded when it was embedded."""
+    info = store.manifest_info
+    found = []
+    if info.get("relative_path"):
+        found.append((store.path.resolve() / info["relative_path"]).resolve())
+    if info.get("path"):
+        found.append(Path(info["path"]))
+    return list(dict.fromkeys(found))
+
+
+def _built_from(store: LatentStore) -> str:
+    info = store.manifest_info
+    return (f"{store.path} was built from manifest {info.get('path')} (sha256 "
+            f"{str(info.get('sha256'))[:12]}…, {info.get('rows')} rows)")
+
+
+def _locate_manifest(store: LatentStore) -> Manifest:
+    changed = []
+    for path in manifest_locations(store):
+        if path.is_file():
+            manifest = read_manifest(path)
+            if manifest.sha256 == store.manifest_info.get("sha256"):
+                return manifest
+            changed.append(f"{path} has sha256 {manifest.sha256[:12]}… ({manifest.rows} rows)")
+    if changed:
+        raise StoreError(f"{_built_from(store)}, but {'; '.join(changed)}: the manifest changed "
+                         f"since, and row i of a store must be row i of its manifest; re-embed, "
+                         f"or pass the original manifest with --manifest PATH")
+    raise StoreError(f"{_built_from(store)}, which is not there any more (looked at "
+                     f"{', '.join(map(str, manifest_locations(store))) or 'nothing recorded'}); "
+                     f"stage two needs it for splits and media paths: pass --manifest PATH to "
+                     f"say where it is now")
+
+
+def _given_manifests(manifest: ManifestArg) -> list[Manifest]:
+    if manifest is None:
+        return []
+    items = [manifest] if isinstance(manifest, (str, Path, Manifest)) else list(manifest)
+    return [m if isinstance(m, Manifest) else read_manifest(m) for m in items]
+
+
+def store_manifests(stores: list[LatentStore], manifest: ManifestArg = None) -> list[Manifest]:
+    """The manifest each store was built from, checked against the sha256 the store recorded.
+
+    `manifest` (``--manifest``, once or more) names where manifests are now; each must be the
+    manifest of one of the stores. A store no given manifest matches finds its own: relative to
+    the store first, then at its recorded path.
+    """
+    by_sha = {m.sha256: m for m in _given_manifests(manifest)}
+    wanted = {s.manifest_info.get("sha256") for s in stores}
+    for sha, given in by_sha.items():
+        if sha not in wanted:
+            raise StoreError(
+                f"--manifest {given.path} (sha256 {sha[:12]}…, {given.rows} rows) is not the "
+                f"manifest of any store given: {'; '.join(_built_from(s) for s in stores)}")
+    out = []
+    for store in stores:
+        sha = store.manifest_info.get("sha256")
+        if sha not in by_sha:
+            by_sha[sha] = _locate_manifest(store)
+        out.append(by_sha[sha])
+    return out
+
+
+def store_manifest(store: LatentStore, manifest: ManifestArg = None) -> Manifest:
+    """The manifest a store was built from (see `store_manifests`)."""
+    return store_manifests([store], manifest)[0]
+
+
+def embed_command(store: LatentStore) -> str | None:
+    """The `alignpipe embed` command that finishes (or repairs) `store`, from its attrs; None
+    when the store was not made by `alignpipe embed` at its standard place."""
+    request = store.encoder.get("request") or {}
+    name = request.get("encoder")
+    if not name or store.path.name != encoder_dirname(name):
+        return None
+    existing = [p for p in manifest_locations(store) if p.is_file()]
+    manifest = existing[0] if existing else store.manifest_info.get("path", "MANIFEST")
+    cmd = ["alignpipe", "embed", str(manifest), "--encoder", name,
+           "--cache", str(store.path.parent.parent), "--dataset", store.path.parent.name]
+    defaults = _spec_defaults(name)
+    if request.get("column") not in (None, store.modality):
+        cmd += ["--column", request["column"]]
+    weights = store.encoder.get("weights_path") if request.get("weights") in ("file", "dir") \
+        else "random" if request.get("weights") == "random" else None
+    if weights:
+        cmd += ["--weights", str(weights)]
+    for key in ("image_size", "pooling"):
+        if request.get(key) is not None and request[key] != defaults.get(key):
+            cmd += [f"--{key.replace('_', '-')}", str(request[key])]
+    if store.dtype != "float16":
+        cmd += ["--latent-dtype", store.dtype]
+    if store.unit_rows not in (DEFAULT_UNIT_ROWS, store.rows):
+        cmd += ["--unit-rows", str(store.unit_rows)]
+    return shlex.join(cmd)
+
+
+def _spec_defaults(name: str) -> dict:
+    try:
+        from alignpipe.encoders import get_encoder_spec
+
+        spec = get_encoder_spec(name)
+    except Exception:  # an unknown name: give every option explicitly
+        return {}
+    return {"image_size": spec.image_size, "pooling": spec.pooling}
+
+
+def stage_two_store(store, *, allow_partial: bool = False) -> LatentStore:
+    """Open a store for fit, eval or similarity: refuse a damaged store, and an unfinished one
+    (its missing rows would silently shrink the data) unless `allow_partial`."""
+    store = as_store(store)
+    require_intact = getattr(store, "require_intact", None)
+    if require_intact is not None:
+        require_intact()
+    if not store.complete and not allow_partial:
+        command = embed_command(store)
+        finish = f"finish it with `{command}`" if command else "finish or re-create it"
+        raise StoreError(
+            f"{store.path}: the store is unfinished ({len(store.done_units())} of "
+            f"{store.n_units} work units embedded); {finish}, or pass --allow-partial to use "
+            f"only the rows embedded so far")
+    return store
+
+
+def partial_note(store: LatentStore) -> str | None:
+    """A line saying how much of an unfinished store is used (None when it is finished)."""
+    if store.complete:
+        return None
+    return (f"{store.path} is unfinished ({len(store.done_units())} of {store.n_units} work "
+            f"units embedded, {int(usable(store).sum())} of {store.rows} rows valid in them); "
+            f"--allow-partial: using only those rows")
+
+
+def partial_notes(stores: list[LatentStore]) -> list[str]:
+    return [note for note in map(partial_note, stores) if note]
 
 
 def check_same_manifest(stores: list[LatentStore]) -> None:
@@ -58,15 +193,16 @@ def check_same_manifest(stores: list[LatentStore]) -> None:
                 f"in every store, so give stores embedded from one manifest")
 
 
-def open_pair(store_a, store_b) -> tuple[LatentStore, LatentStore, Manifest]:
+def open_pair(store_a, store_b, *, manifest: ManifestArg = None,
+              allow_partial: bool = False) -> tuple[LatentStore, LatentStore, Manifest]:
     """Open two stores to align and refuse pairs that cannot be aligned row by row."""
-    a, b = as_store(store_a), as_store(store_b)
+    a, b = (stage_two_store(s, allow_partial=allow_partial) for s in (store_a, store_b))
     check_same_manifest([a, b])
     if a.modality == b.modality:
         raise StoreError(
             f"{a.path} and {b.path} both hold {a.modality} latents; alignment pairs two "
             f"different modalities (image–text, audio–text, image–audio)")
-    return a, b, store_manifest(a)
+    return a, b, store_manifests([a, b], manifest)[0]
 
 
 def encoder_identity(store: LatentStore) -> dict:
@@ -113,12 +249,24 @@ def train_val_rows(manifest: Manifest, val_fraction: float) -> tuple[np.ndarray,
             f"hash of id)")
 
 
+def usable(store: LatentStore) -> np.ndarray:
+    """Per row: valid and in a finished work unit (an unfinished unit may be half written)."""
+    valid = store.read_valid()
+    if not store.complete:
+        finished = np.zeros(store.rows, dtype=bool)
+        for unit in store.done_units():
+            start, stop = store.unit_range(unit)
+            finished[start:stop] = True
+        valid &= finished
+    return valid
+
+
 def valid_rows(stores: list[LatentStore], rows: np.ndarray) -> tuple[np.ndarray, list[int]]:
     """The rows valid in every store, and how many each store invalidated."""
     keep = np.ones(rows.size, dtype=bool)
     lost = []
     for store in stores:
-        ok = store.read_valid()[rows]
+        ok = usable(store)[rows]
         lost.append(int((~ok).sum()))
         keep &= ok
     return rows[keep], lost
@@ -142,11 +290,65 @@ def media_items(manifest: Manifest, modality: str, rows: np.ndarray) -> np.ndarr
     return out
 
 
-def read_rows(store: LatentStore, rows: np.ndarray) -> np.ndarray:
-    """Latents of `rows` as float32; a full read when most rows are wanted (it is faster)."""
-    if rows.size > store.rows // 3:
-        return store.read(slice(None))[rows]
-    return store.read(np.sort(rows))[np.argsort(np.argsort(rows))]
+def _read_blocks(store: LatentStore, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(positions in `rows`, their latents in the stored dtype), one block of chunks at a time.
+
+    A block is read whole when a third or more of its rows are wanted (a sliced read is faster
+    than a gather), else only the chunks holding wanted rows are read.
+    """
+    if rows.size == 0:
+        return
+    order = np.argsort(rows, kind="stable")
+    wanted = rows[order]
+    chunk = int(store.latents.chunks[0])
+    row_bytes = store.dim * np.dtype(store.dtype).itemsize
+    block = max(1, READ_BLOCK_BYTES // (row_bytes * chunk)) * chunk
+    ids = wanted // block
+    cuts = np.flatnonzero(np.diff(ids)) + 1
+    for i, j in zip(np.r_[0, cuts], np.r_[cuts, wanted.size], strict=True):
+        start = int(ids[i]) * block
+        stop = min(start + block, store.rows)
+        take = wanted[i:j]
+        if 3 * take.size >= stop - start:
+            data = store.latents[start:stop][take - start]
+        else:
+            data = store.latents.get_orthogonal_selection((take, slice(None)))
+        yield order[i:j], np.asarray(data)
+
+
+def _checked_rows(store: LatentStore, rows) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if rows.size and (rows.min() < 0 or rows.max() >= store.rows):
+        raise IndexError(f"{store.path}: rows out of range 0..{store.rows - 1}")
+    return rows
+
+
+def read_rows(store: LatentStore, rows, dtype: str | np.dtype | None = None) -> np.ndarray:
+    """Latents of `rows`, in order, as `dtype` (default: the stored dtype).
+
+    Read a block of chunks at a time straight into the result: host memory stays about the
+    selected rows, never the whole store in float32.
+    """
+    rows = _checked_rows(store, rows)
+    out = np.empty((rows.size, store.dim), dtype=dtype or store.dtype)
+    for positions, data in _read_blocks(store, rows):
+        out[positions] = data
+    return out
+
+
+def load_rows(store: LatentStore, rows, device: torch.device,
+              dtype: torch.dtype) -> torch.Tensor:
+    """Latents of `rows`, in order, as a `dtype` tensor on `device`, filled block by block (on
+    an accelerator the host holds one block at a time, not the selection)."""
+    rows = _checked_rows(store, rows)
+    out = torch.empty((rows.size, store.dim), dtype=dtype, device=device)
+    for positions, data in _read_blocks(store, rows):
+        block = torch.from_numpy(data).to(device=device, dtype=dtype)
+        if np.all(np.diff(positions) == 1):  # rows in order: a plain copy
+            out[int(positions[0]):int(positions[-1]) + 1] = block
+        else:
+            out[torch.from_numpy(positions).to(device)] = block
+    return out
 
 
 def storage_dtype(device: torch.device, wanted: str = "auto") -> torch.dtype:
@@ -168,8 +370,8 @@ def load_pairs(a: LatentStore, b: LatentStore, manifest: Manifest, rows: np.ndar
                device: torch.device, dtype: torch.dtype) -> tuple[Pairs, list[int]]:
     """Rows valid in both stores, as device tensors; also the invalid counts per store."""
     kept, lost = valid_rows([a, b], rows)
-    pairs = Pairs(a=to_device(read_rows(a, kept), device, dtype),
-                  b=to_device(read_rows(b, kept), device, dtype), rows=kept,
+    pairs = Pairs(a=load_rows(a, kept, device, dtype), b=load_rows(b, kept, device, dtype),
+                  rows=kept,
                   items_a=media_items(manifest, a.modality, kept),
                   items_b=media_items(manifest, b.modality, kept))
     return pairs, lost

@@ -21,11 +21,13 @@ import torch.nn.functional as F
 from alignpipe.errors import AlignpipeError
 from alignpipe.fsutil import atomic_write_json
 from alignpipe.latents import (
-    as_store,
+    ManifestArg,
     check_same_manifest,
     media_items,
+    partial_notes,
     read_rows,
-    store_manifest,
+    stage_two_store,
+    store_manifests,
     valid_rows,
 )
 from alignpipe.manifest import PATH_COLUMNS
@@ -102,13 +104,17 @@ def _names(stores) -> list[str]:
 
 
 def similarity(stores: list, *, sample: int = 5000, k: int = 10, seed: int = 0,
-               output=None) -> dict:
-    """Linear CKA and mutual-kNN matrices between every pair of stores of one manifest."""
-    opened = [as_store(s) for s in stores]
-    if len(opened) < 2:
+               output=None, manifest: ManifestArg = None, allow_partial: bool = False) -> dict:
+    """Linear CKA and mutual-kNN matrices between every pair of stores of one manifest.
+
+    `manifest` says where the stores' manifest is now (when it moved without them);
+    `allow_partial` compares unfinished stores on the rows embedded so far.
+    """
+    if len(stores) < 2:
         raise AlignpipeError("similarity compares at least two stores")
+    opened = [stage_two_store(s, allow_partial=allow_partial) for s in stores]
     check_same_manifest(opened)
-    manifest = store_manifest(opened[0])
+    manifest = store_manifests(opened, manifest)[0]
     rows, eligible = _sample_rows(opened, manifest, sample, seed)
     k = min(k, rows.size - 1)
     latents = [torch.from_numpy(read_rows(s, rows)) for s in opened]
@@ -126,6 +132,8 @@ def similarity(stores: list, *, sample: int = 5000, k: int = 10, seed: int = 0,
               "encoders": [s.encoder.get("name") for s in opened],
               "linear_cka": cka.round(6).tolist(), "mutual_knn": knn.round(6).tolist(),
               "k": k, "sample": int(rows.size), "eligible_rows": eligible, "seed": seed}
+    if notes := partial_notes(opened):
+        result["partial"] = notes
     if output is not None:
         _write(Path(output), result)
     return result
