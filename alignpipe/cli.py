@@ -708,8 +708,8 @@ def manifest_split(
     override_split: Annotated[bool, typer.Option(
         help="Replace an existing split column (by default it is kept, and said so).")] = False,
 ) -> None:
-    """Seeded train/val/test splits for a manifest: do it before embedding, since any change
-    to the manifest file changes its sha256 and so invalidates the stores made from it."""
+    """Add seeded train/val/test splits to a manifest; do it before embedding anything."""
+    # Any later edit of the manifest changes its sha256 and so invalidates its stores.
     from alignpipe.builders import build_split
 
     _print_built(build_split(source, out, _split_plan(split_fractions, split_seed,
