@@ -5,6 +5,11 @@ columns ``id`` (unique, non-empty string), any of ``image``/``text``/``audio`` a
 ``label`` and ``split``. ``image`` and ``audio`` hold media paths, relative to the manifest's
 folder or absolute; ``text`` holds the text itself. Row i of every store made from a manifest is
 row i of that manifest, so the file's bytes (its sha256) identify the row order.
+
+Cells are the exact strings in the file: a CSV/TSV/JSONL is never type-inferred (``000123`` stays
+``"000123"``, ``NA`` and ``null`` are text, a BOM is dropped); in a CSV/TSV only an empty cell is
+null. Malformed files and columns that are not text are ManifestErrors naming the file and the
+line or column.
 """
 
 from __future__ import annotations
