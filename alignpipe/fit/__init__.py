@@ -49,31 +49,78 @@ from alignpipe.fit.runfolder import (
     _atomic_write,
     _prepare_folder,
     load_run,
+    read_identity,
     read_metrics,
     run_identity,
     run_is_complete,
+    run_lock,
     run_state,
     save_tensors,
 )
-from alignpipe.latents import load_pairs, open_pair, resolve_device, storage_dtype, train_val_rows
+from alignpipe.latents import (
+    load_pairs,
+    open_pair,
+    partial_notes,
+    resolve_device,
+    storage_dtype,
+    train_val_rows,
+)
 from alignpipe.methods import create_method
+
+# Below this many val pairs, recall moves by ≥ 1 point per pair and cannot choose an epoch.
+MIN_VAL_PAIRS = 100
 
 __all__ = ["COMMON_DEFAULTS", "TRAIN_DEFAULTS", "FitSummary", "LoadedRun", "default_config",
            "fit", "load_run", "read_metrics", "resolve_config", "run_is_complete", "run_state"]
 
 
-def fit(store_a, store_b, *, method: str, out, config=None, overrides: dict | None = None,
-        resume: bool = False, device=None, progress: bool = True,
-        overwrite: bool = False) -> FitSummary:
+def fit(store_a=None, store_b=None, *, method: str | None = None, out, config=None,
+        overrides: dict | None = None, resume: bool = False, device=None, progress: bool = True,
+        **options) -> FitSummary:
     """Train (or, for asif, collect anchors for) an alignment of two stores into `out`.
 
     A finished run with the same config and stores is returned as it is; an unfinished one
-    needs ``resume=True``; a different one in `out` needs ``overwrite=True``.
+    needs ``resume=True``; a different one in `out` needs ``overwrite=True``, which first clears
+    the folder of everything alignpipe wrote there (eval results included). On a resume the
+    run's saved method, stores and config are the defaults: ``fit(out=run, resume=True)`` alone
+    continues it, and any value given that differs from the saved one is refused by name.
+    One process at a time writes a run folder (a lock beside it). `options`: `overwrite`,
+    `manifest`, `allow_partial` (see `_fit`).
+    """
+    out = Path(out)
+    with run_lock(out):
+        saved = read_identity(out) if resume and not options.get("overwrite") else None
+        if saved is not None:
+            method = method or saved["method"]
+            store_a = saved["stores"]["a"]["path"] if store_a is None else store_a
+            store_b = saved["stores"]["b"]["path"] if store_b is None else store_b
+        method = method or "fusemix"
+        if store_a is None or store_b is None:
+            raise AlignpipeError(f"{out}: fit needs two stores (only `--resume` of an existing "
+                                 f"run takes them from its config.yaml)")
+        base = saved["config"] if saved is not None and saved["method"] == method else None
+        return _fit(store_a, store_b, method=method, out=out, config=config, overrides=overrides,
+                    resume=resume, device=device, progress=progress, base=base, **options)
+
+
+def _fit(store_a, store_b, *, method: str, out, config=None, overrides: dict | None = None,
+         resume: bool = False, device=None, progress: bool = True, base: dict | None = None,
+         overwrite: bool = False, manifest=None, allow_partial: bool = False) -> FitSummary:
+    """`fit` under the run folder's lock; `base` is the saved config a resume starts from.
+
+    A finished run with the same config and stores is returned as it is; an unfinished one
+    needs ``resume=True``; a different one in `out` needs ``overwrite=True``. `manifest` says
+    where the stores' manifest is now (when it moved without them); `allow_partial` trains on
+    unfinished stores' rows embedded so far.
     """
     started = time.perf_counter()
-    a, b, manifest = open_pair(store_a, store_b)
-    cfg = resolve_config(method, config, overrides)
+    a, b, manifest = open_pair(store_a, store_b, manifest=manifest, allow_partial=allow_partial)
+    cfg = resolve_config(method, config, overrides, base=base)
     identity = run_identity(method, cfg, a, b)
+    for side, store in (("a", a), ("b", b)):
+        if not store.complete:  # a fit on part of a store is not the fit on all of it
+            identity["stores"][side]["partial"] = (f"{len(store.done_units())} of "
+                                                   f"{store.n_units} units")
     out = Path(out)
     state = _prepare_folder(out, identity, resume, overwrite)
     if state == "done":
@@ -102,20 +149,33 @@ def _run(a, b, manifest, method: str, cfg: dict, out: Path, state: str, device,
     log = RunLog(out / LOG, echo=progress)
     log(f"fit {method}: {a.modality} {a.path} (dim {a.dim}) ↔ {b.modality} {b.path} "
         f"(dim {b.dim}) on {dev}")
+    for note in partial_notes([a, b]):
+        log(note)
     torch.manual_seed(cfg["seed"])
     train, val, dropped = _load_splits(a, b, manifest, cfg, dev, log)
     model = create_method(method, cfg, a.dim, b.dim).to(dev)
     names = (a.modality, b.modality)
+    warnings = _validation_warnings(len(val), model.trained)
+    for line in warnings:
+        log(f"warning: {line}")
     if model.trained:
         trainer = Trainer(out, cfg, dev, log, progress, names, resume=state == "resume")
         model.fit(train, val, loop=trainer)
         history = read_metrics(out)
-        best = next((m for m in history if m["epoch"] == trainer.best_epoch), history[-1])
+        best = next((m for m in history if m["epoch"] == trainer.best_epoch), None)
+        if best is None:  # every validation had non-finite encodings: nothing to choose
+            raise AlignpipeError(
+                f"{out}: no epoch gave finite encodings on the val split (epochs "
+                f"{', '.join(str(m['epoch']) for m in history)}): the heads diverged and "
+                f"none is usable; see {out / LOG}")
         rate = trainer.pairs_seen / max(trainer.train_seconds, 1e-9)
         epochs, best_epoch, batch = cfg["epochs"], trainer.best_epoch, trainer.batch
         steps = trainer.total_steps
     else:
         model.fit(train, val)
+        for line in getattr(model, "warnings", []):
+            log(f"warning: {line}")
+            warnings.append(line)
         save_tensors(out / ANCHORS, model.state_tensors(), {"method": method})
         best = {"epoch": 0, "val": validate(model, val, names)}
         _atomic_write(out / METRICS, json.dumps(best) + "\n")
@@ -126,13 +186,26 @@ def _run(a, b, manifest, method: str, cfg: dict, out: Path, state: str, device,
         run_dir=out, method=method, epochs=epochs, best_epoch=best_epoch, best_val=best["val"],
         pairs_per_s=rate, wall_s=time.perf_counter() - started, train_pairs=len(train),
         val_pairs=len(val), dropped_rows=dropped, batch_size=batch, steps=steps,
-        device=str(dev))
+        device=str(dev), warnings=warnings)
     _atomic_write(out / SUMMARY, json.dumps({**summary.to_dict(), "complete": True,
                                              "finished": datetime.now(timezone.utc).isoformat(
                                                  timespec="seconds")}, indent=2))
     log(f"done in {summary.wall_s:.1f} s: best epoch {best_epoch}, "
         f"val mean recall {best['val'].get('mean_recall', float('nan')):.2f}")
     return summary
+
+
+def _validation_warnings(val_pairs: int, trained: bool) -> list[str]:
+    """Say when the val split cannot choose anything (the hashed fallback on a small manifest)."""
+    if val_pairs == 0:
+        return (["no validation pairs: the epoch of lowest training loss is kept as best; add "
+                 "a val split (or raise val_fraction) to choose by recall"] if trained else [])
+    if val_pairs < MIN_VAL_PAIRS:
+        what = "the best epoch" if trained else "the val recall"
+        return [f"only {val_pairs} validation pairs (fewer than {MIN_VAL_PAIRS}): {what} is "
+                f"chosen on noise (one pair moves recall by {100 / val_pairs:.1f} points); add "
+                f"val rows or raise val_fraction"]
+    return []
 
 
 def _load_splits(a, b, manifest, cfg: dict, device: torch.device, log: RunLog):

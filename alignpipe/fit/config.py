@@ -31,6 +31,33 @@ TRAIN_DEFAULTS = {
 }
 PRECISIONS = ("auto", "fp32", "bf16")
 STORAGE_DTYPES = ("auto", "float16", "bfloat16", "float32")
+# Bounds on sizes, so a mistyped or hostile config is refused instead of building a model that
+# hangs or exhausts memory (blocks: 1000000). Far above anything the papers use.
+MAX_DIM = 1 << 20         # a latent or output width
+MAX_BLOCKS = 64           # residual blocks per head (FuseMix: 4)
+MAX_EXPANSION = 64        # hidden width / input width (FuseMix: 4)
+MAX_EPOCHS = 1_000_000
+# Bounds checked for every key a method has: (low, high, low inclusive). None = no bound.
+RANGES = {
+    "out_dim": (1, MAX_DIM, True),
+    "blocks": (0, MAX_BLOCKS, True),
+    "expansion": (0, MAX_EXPANSION, False),
+    "dropout": (0, 1, True),
+    "alpha": (0, None, False),
+    "temperature": (0, None, False),
+    "temperature_min": (0, None, False),
+    "temperature_max": (0, None, False),
+    "topk": (1, None, True),
+    "power": (0, None, False),
+    "epochs": (1, MAX_EPOCHS, True),
+    "warmup_steps": (0, None, True),
+    "lr": (0, None, False),
+    "min_lr": (0, None, True),
+    "warmup_start_lr": (0, None, True),
+    "weight_decay": (0, None, True),
+    "grad_clip": (0, None, True),
+    "log_every": (1, None, True),
+}
 
 
 def default_config(method: str) -> dict:
@@ -91,10 +118,12 @@ def _config_file(config: str | Path | dict | None, method: str) -> dict:
 
 
 def resolve_config(method: str, config: str | Path | dict | None = None,
-                   overrides: dict | None = None) -> dict:
-    """Defaults ← config file ← overrides (``--set`` and the common flags), type-checked."""
+                   overrides: dict | None = None, base: dict | None = None) -> dict:
+    """Defaults ← `base` (a saved run's config) ← config file ← overrides (``--set`` and the
+    common flags), type- and range-checked."""
     resolved = default_config(method)
-    for source, values in (("config file", _config_file(config, method)),
+    for source, values in (("saved run config", dict(base or {})),
+                           ("config file", _config_file(config, method)),
                            ("--set", overrides or {})):
         for key, value in values.items():
             if key not in resolved:
@@ -106,16 +135,27 @@ def resolve_config(method: str, config: str | Path | dict | None = None,
     return resolved
 
 
+def _outside(key: str, value, bounds: tuple) -> str | None:
+    low, high, inclusive = bounds
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if value != value or (low is not None and (value < low or (value == low and not inclusive))) \
+            or (high is not None and value > high):
+        lo = f"{'[' if inclusive else '('}{low}"
+        hi = f"{high}]" if high is not None else "∞)"
+        return f"{key} must be in {lo}, {hi} (got {value})"
+    return None
+
+
 def _check_ranges(cfg: dict) -> None:
-    problems = []
-    if "epochs" in cfg and cfg["epochs"] < 1:
-        problems.append(f"epochs must be ≥ 1 (got {cfg['epochs']})")
+    problems = [p for key, bounds in RANGES.items() if key in cfg
+                for p in [_outside(key, cfg[key], bounds)] if p]
+    if "dropout" in cfg and cfg["dropout"] == 1:
+        problems.append("dropout must be < 1 (got 1)")
     if "batch_size" in cfg and cfg["batch_size"] < 2:
         problems.append(f"batch_size must be ≥ 2 for a contrastive loss (got {cfg['batch_size']})")
     if "val_every" in cfg and cfg["val_every"] < 1:
         problems.append(f"val_every must be ≥ 1 (got {cfg['val_every']})")
-    if "lr" in cfg and cfg["lr"] <= 0:
-        problems.append(f"lr must be > 0 (got {cfg['lr']})")
     if cfg.get("precision", "auto") not in PRECISIONS:
         problems.append(f"precision must be one of {', '.join(PRECISIONS)}")
     if cfg.get("storage_dtype", "auto") not in STORAGE_DTYPES:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from alignpipe.errors import AlignpipeError
 from alignpipe.fit.runfolder import (
@@ -21,15 +20,26 @@ from alignpipe.fit.runfolder import (
     METRICS,
     RunLog,
     _atomic_write,
+    load_into,
     read_metrics,
+    read_tensor_metadata,
+    read_tensors,
     save_tensors,
 )
 from alignpipe.latents import first_rows
 from alignpipe.methods.base import Pairs
-from alignpipe.metrics import encoded_retrieval
+from alignpipe.metrics import encoded_retrieval, nonfinite_rows
 
 CPU_MEMORY_BUDGET = 4 << 30   # bytes of activations a CPU step may use before we shrink it
 PLOT_EVERY_S = 30.0
+CHECKPOINT_FORMAT = "alignpipe-checkpoint-1"
+# What a resume must reuse exactly: the batch decides the steps, the steps the lr schedule.
+PLAN_KEYS = ("batch", "rows_per_step", "steps_per_epoch", "total_steps", "warmup", "seed",
+             "train_pairs")
+
+
+class DivergedError(AlignpipeError):
+    """The training loss went NaN or inf: the run stops, its last good checkpoint stays."""
 
 
 def lr_at(step: int, total: int, warmup: int, cfg: dict) -> float:
@@ -136,12 +146,26 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
                               enabled=precision == "bf16")
 
-    def _plan(self, method, n_rows: int) -> None:
-        self.batch, reasons = plan_batch(method, self.cfg["batch_size"], n_rows, self.device)
-        self.rows_per_step = self.batch * method.rows_per_pair
-        self.steps_per_epoch = n_rows // self.rows_per_step
-        self.total_steps = self.steps_per_epoch * self.cfg["epochs"]
-        self.warmup = min(self.cfg["warmup_steps"], self.total_steps // 2)
+    def _schedule(self, method, batch: int, n_rows: int) -> dict:
+        rows_per_step = batch * method.rows_per_pair
+        steps = n_rows // rows_per_step
+        total = steps * self.cfg["epochs"]
+        return {"batch": batch, "rows_per_step": rows_per_step, "steps_per_epoch": steps,
+                "total_steps": total, "warmup": min(self.cfg["warmup_steps"], total // 2),
+                "seed": self.cfg["seed"], "train_pairs": n_rows}
+
+    def _use(self, plan: dict) -> None:
+        self.plan = plan
+        self.batch, self.rows_per_step = plan["batch"], plan["rows_per_step"]
+        self.steps_per_epoch, self.total_steps = plan["steps_per_epoch"], plan["total_steps"]
+        self.warmup = plan["warmup"]
+
+    def _plan(self, method, n_rows: int, saved: dict | None) -> None:
+        if saved is not None:
+            self._reuse_plan(method, n_rows, saved)
+            return
+        batch, reasons = plan_batch(method, self.cfg["batch_size"], n_rows, self.device)
+        self._use(self._schedule(method, batch, n_rows))
         line = (f"batch: {self.batch} pairs per step ({self.rows_per_step} rows), "
                 f"{self.steps_per_epoch} steps per epoch, {self.total_steps} in all")
         if reasons:
@@ -151,41 +175,93 @@ class Trainer:
             self.log(f"warmup: {self.warmup} steps (half the run) instead of "
                      f"{self.cfg['warmup_steps']}")
 
-    def _restore(self, method, optimizer) -> tuple[int, float, int]:
-        """Epochs already done, best val value and its epoch (nothing done on a fresh run)."""
+    def _reuse_plan(self, method, n_rows: int, saved: dict) -> None:
+        """A resume takes the checkpoint's batch and schedule as they were, or refuses."""
         path = self.out / CHECKPOINT
+        batch = saved.get("batch")
+        if not isinstance(batch, int) or batch < 2 or set(saved) < set(PLAN_KEYS):
+            raise AlignpipeError(f"{path}: damaged checkpoint (its batch plan is unreadable); "
+                                 f"start again with --overwrite")
+        now = self._schedule(method, batch, n_rows)
+        differs = [f"{k}: {saved[k]} in the checkpoint, {now[k]} now" for k in PLAN_KEYS
+                   if saved[k] != now[k]]
+        if differs:
+            raise AlignpipeError(
+                f"{self.out}: cannot resume: the run would not continue the schedule it started "
+                f"({'; '.join(differs)}); resume with the same data and config, or start again "
+                f"with --overwrite")
+        self._use(now)
+        line = (f"batch: {self.batch} pairs per step ({self.rows_per_step} rows), "
+                f"{self.steps_per_epoch} steps per epoch, {self.total_steps} in all, "
+                f"as recorded in the checkpoint")
+        if step_bytes(method, batch) > _free_memory(self.device):
+            line += (f"; note: a step of this batch may not fit in the {self.device.type} "
+                     f"memory free now (it is kept so the run continues unchanged)")
+        self.log(line)
+
+    def _read_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """The checkpoint's tensors and metadata on a resume; None on a fresh run."""
+        path = self.out / CHECKPOINT
+        if not (self.resume and path.exists()):
+            return None
+        tensors = read_tensors(path, "checkpoint")
+        raw = read_tensor_metadata(path)
+        try:
+            meta = {"epoch": int(raw["epoch"]), "best_value": float(raw["best_value"]),
+                    "best_epoch": int(raw["best_epoch"]),
+                    "plan": json.loads(raw["plan"]) if "plan" in raw else None}
+        except (KeyError, ValueError) as err:
+            raise AlignpipeError(f"{path}: damaged checkpoint (metadata {err}); start again "
+                                 f"with --overwrite") from None
+        if not 0 <= meta["epoch"] <= self.cfg["epochs"]:
+            raise AlignpipeError(f"{path}: damaged checkpoint (epoch {meta['epoch']} of "
+                                 f"{self.cfg['epochs']}); start again with --overwrite")
+        if meta["plan"] is not None and not isinstance(meta["plan"], dict):
+            raise AlignpipeError(f"{path}: damaged checkpoint (plan); start again with "
+                                 f"--overwrite")
+        return tensors, meta
+
+    def _restore(self, method, optimizer, checkpoint) -> tuple[int, float, int]:
+        """Epochs already done, best val value and its epoch (nothing done on a fresh run)."""
         done, best, best_epoch = 0, -math.inf, 0
-        if self.resume and path.exists():
-            tensors = load_file(str(path), device="cpu")
-            with open(path, "rb") as handle:  # the header holds the metadata
-                header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-            meta = header.get("__metadata__", {})
-            method.load_state_tensors({k[6:]: v for k, v in tensors.items()
-                                       if k.startswith("model.")})
+        if checkpoint is not None:
+            tensors, meta = checkpoint
+            path = self.out / CHECKPOINT
+            load_into(method, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
+                      path, "checkpoint")
             method.to(self.device)
-            _load_optimizer(method, optimizer, tensors)
-            done, best, best_epoch = (int(meta["epoch"]), float(meta["best_value"]),
-                                      int(meta["best_epoch"]))
+            try:
+                _load_optimizer(method, optimizer, tensors)
+            except (RuntimeError, ValueError, IndexError) as err:
+                raise AlignpipeError(f"{path}: damaged checkpoint (optimizer state: "
+                                     f"{' '.join(str(err).split())[:160]})") from None
+            done, best, best_epoch = meta["epoch"], meta["best_value"], meta["best_epoch"]
             self.log(f"resuming after epoch {done} of {self.cfg['epochs']}")
-        # A kill between an epoch's metrics line and its checkpoint leaves a line to drop.
+        # A kill between an epoch's metrics line and its checkpoint leaves a line to drop, and
+        # a kill in the middle of writing one leaves a torn line (read_metrics drops it).
         self.history = [m for m in read_metrics(self.out) if m["epoch"] <= done]
         _atomic_write(self.out / METRICS, "".join(json.dumps(m) + "\n" for m in self.history))
         return done, best, best_epoch
 
     # ---- the loop -----------------------------------------------------------------------------
     def __call__(self, method, train: Pairs, val: Pairs) -> None:
-        self._plan(method, len(train))
+        checkpoint = self._read_checkpoint()
+        saved_plan = checkpoint[1]["plan"] if checkpoint else None
+        if checkpoint and saved_plan is None:
+            self.log("the checkpoint records no batch plan (an older alignpipe): planning again")
+        self._plan(method, len(train), saved_plan)
         autocast = self._autocast()
         self.log(f"precision: {self.precision}; latents on {self.device} as "
                  f"{str(train.a.dtype).replace('torch.', '')}")
         optimizer = torch.optim.AdamW(method.parameter_groups(self.cfg["weight_decay"]),
                                       lr=self.cfg["lr"], betas=(0.9, 0.999))
-        start, self.best_value, self.best_epoch = self._restore(method, optimizer)
+        start, self.best_value, self.best_epoch = self._restore(method, optimizer, checkpoint)
         with _progress_bar(self.progress, self.total_steps, start * self.steps_per_epoch,
                            self.log.console) as bar:
             losses = []
             for epoch in range(start, self.cfg["epochs"]):
                 losses.append(self._train_epoch(method, optimizer, train, epoch, autocast, bar))
+                self._check_finite(losses[-1], epoch + 1)
                 done = epoch + 1
                 if done % self.cfg["val_every"] == 0 or done == self.cfg["epochs"]:
                     self._end_epoch(method, optimizer, val, done, float(np.mean(losses)))
@@ -200,6 +276,7 @@ class Trainer:
         rng = np.random.default_rng(seed)  # FuseMix's λ, drawn on the host as in its code
         method.model.train()
         total = torch.zeros((), device=self.device)
+        self.step_losses = torch.zeros(self.steps_per_epoch, device=self.device)
         started = time.perf_counter()
         for step in range(self.steps_per_epoch):
             idx = perm[step * self.rows_per_step:(step + 1) * self.rows_per_step]
@@ -218,6 +295,7 @@ class Trainer:
             optimizer.step()
             method.after_step()
             total += loss.detach()
+            self.step_losses[step] = loss.detach()  # no host sync: checked after the epoch
             if bar is not None:
                 self._show(bar, step, loss, started, epoch)
         seconds = time.perf_counter() - started
@@ -226,6 +304,22 @@ class Trainer:
         self.last_rate = self.steps_per_epoch * self.rows_per_step / max(seconds, 1e-9)
         self.last_lr = lr
         return float(total) / self.steps_per_epoch
+
+    def _check_finite(self, loss: float, epoch: int) -> None:
+        """Stop a diverged run before anything of this epoch is saved."""
+        if math.isfinite(loss):
+            return
+        bad = (~torch.isfinite(self.step_losses)).nonzero()
+        step = int(bad[0]) + 1 if bad.numel() else 0
+        kept = self.history[-1]["epoch"] if self.history else 0
+        keep = (f"the checkpoint of epoch {kept} is kept: `--resume` retries from it" if kept
+                else "no epoch had finished, so nothing is kept")
+        message = (f"training loss became {loss} at epoch {epoch} (step {step} of "
+                   f"{self.steps_per_epoch}): the run diverged and was stopped; {keep}. Try a "
+                   f"lower lr, --set grad_clip=1 or --set precision=fp32 (a new config: "
+                   f"another --out, or --overwrite)")
+        self.log(message)
+        raise DivergedError(message)
 
     def _show(self, bar, step: int, loss: torch.Tensor, started: float, epoch: int) -> None:
         progress, task = bar
@@ -242,7 +336,8 @@ class Trainer:
                   "lr": self.last_lr, "temperature": float(method.model["loss"]().detach()),
                   "pairs_per_s": self.last_rate, "val": val_metrics}
         value = val_metrics.get("mean_recall", -loss)  # no val rows: lowest loss is best
-        improved = value > self.best_value
+        # Non-finite encodings never make an epoch the best, whatever their recall reads.
+        improved = not val_metrics.get("nonfinite") and value > self.best_value
         if improved:
             self.best_value, self.best_epoch = value, epoch
         meta = {"method": method.name, "epoch": epoch}
@@ -258,10 +353,13 @@ class Trainer:
                    **_optimizer_tensors(method, optimizer)}
         save_tensors(self.out / CHECKPOINT, tensors,
                      {"epoch": epoch, "best_value": self.best_value,
-                      "best_epoch": self.best_epoch, "format": "alignpipe-checkpoint-1"})
+                      "best_epoch": self.best_epoch, "format": CHECKPOINT_FORMAT,
+                      "plan": json.dumps(self.plan)})
         self.log(f"epoch {epoch}: loss {loss:.4f}, val mean recall "
                  f"{val_metrics.get('mean_recall', float('nan')):.2f}"
-                 + (" (best)" if improved else ""))
+                 + (" (best)" if improved else "")
+                 + (f"; non-finite encodings of {val_metrics['nonfinite_rows']} val rows: "
+                    f"never chosen as best" if val_metrics.get("nonfinite") else ""))
         # A plot costs ~0.1 s: redraw at the end, and during long runs at most every PLOT_EVERY_S.
         if epoch == self.cfg["epochs"] or time.perf_counter() - self.last_plot > PLOT_EVERY_S:
             _plot_curves(self.out, self.history, self.names)
@@ -329,4 +427,17 @@ def validate(method, val: Pairs, names: tuple[str, str]) -> dict:
     ab, ba = direction_names(names)
     out = {ab: forward, ba: backward}
     out["mean_recall"] = float(np.mean([*forward.values(), *backward.values()]))
+    # A diverged model's NaN encodings must never read as a result: flag them here, whatever
+    # the recall above says (the metrics count a NaN score as a miss, but do not rely on it).
+    bad = {names[0]: _nonfinite(enc_a), names[1]: _nonfinite(enc_b)}
+    if any(bad.values()):
+        out["nonfinite"] = True
+        out["nonfinite_rows"] = bad
     return out
+
+
+def _nonfinite(enc) -> int:
+    values = enc.values if hasattr(enc, "values") and not torch.is_tensor(enc) else enc
+    if not bool(torch.isfinite(values).all()):
+        return max(1, nonfinite_rows(enc))
+    return 0

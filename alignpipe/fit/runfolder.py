@@ -3,23 +3,33 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from alignpipe.errors import AlignpipeError
-from alignpipe.fit.config import resolve_config
-from alignpipe.fsutil import atomic_path, atomic_write_bytes
+from alignpipe.fit.config import MAX_DIM, resolve_config
+from alignpipe.fsutil import (
+    atomic_path,
+    atomic_write_bytes,
+    exclusive_lock,
+    remove_temp_files,
+)
 from alignpipe.latents import as_store, encoder_identity, resolve_device, storage_dtype
 from alignpipe.methods import create_method
 
 CONFIG, LOG, METRICS, SUMMARY = "config.yaml", "log.txt", "metrics.jsonl", "run.json"
 HEADS_BEST, HEADS_LAST = "heads-best.safetensors", "heads-last.safetensors"
 CHECKPOINT, ANCHORS, CURVES = "checkpoint.safetensors", "anchors.safetensors", "curves.png"
+RUN_FILES = (CONFIG, LOG, METRICS, SUMMARY, HEADS_BEST, HEADS_LAST, CHECKPOINT, ANCHORS, CURVES)
+# What `alignpipe eval` writes into a run folder by default (JSON, and .md/.png beside it).
+EVAL_PREFIX = "eval-"
 
 
 @dataclass
@@ -37,6 +47,7 @@ class FitSummary:
     batch_size: int = 0
     steps: int = 0
     device: str = ""
+    warnings: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -73,11 +84,55 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | 
 
 
 def read_identity(out: Path) -> dict | None:
+    """The run's method, stores and config from its config.yaml (None when there is none).
+
+    A damaged or edited file (not YAML, a Python tag, not a mapping, missing or out-of-range
+    values) is an `AlignpipeError` naming it: its contents decide what code runs next.
+    """
     path = Path(out) / CONFIG
     if not path.exists():
         return None
-    data = yaml.safe_load(path.read_text()) or {}
-    return {k: data.get(k) for k in ("method", "stores", "config")}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise AlignpipeError(f"{path}: damaged run config, not readable YAML "
+                             f"({' '.join(str(err).split())[:200]})") from None
+    if not isinstance(data, dict):
+        raise AlignpipeError(f"{path}: damaged run config: a mapping of method, stores and "
+                             f"config was expected, found a {type(data).__name__}")
+    identity = {k: data.get(k) for k in ("method", "stores", "config")}
+    _check_identity(identity, path)
+    return identity
+
+
+def _check_identity(identity: dict, path: Path) -> None:
+    """Refuse a config.yaml whose values are of the wrong kind or out of range."""
+    from alignpipe.methods import is_registered
+
+    def bad(what: str):
+        return AlignpipeError(f"{path}: damaged run config: {what}")
+
+    method, stores, config = identity["method"], identity["stores"], identity["config"]
+    if not isinstance(method, str) or not is_registered(method):
+        raise bad(f"method {method!r} is not a registered method")
+    if not isinstance(stores, dict) or set(stores) != {"a", "b"}:
+        raise bad("stores must map a and b to the two stores")
+    for side, store in stores.items():
+        if not isinstance(store, dict) or not isinstance(store.get("path"), str):
+            raise bad(f"stores.{side} must hold the store's path")
+        dim = store.get("dim")
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= MAX_DIM:
+            raise bad(f"stores.{side}.dim must be an integer in [1, {MAX_DIM}], got {dim!r}")
+        if not isinstance(store.get("modality"), str):
+            raise bad(f"stores.{side}.modality must be a string")
+        if not isinstance(store.get("encoder", {}), dict):
+            raise bad(f"stores.{side}.encoder must be a mapping")
+    if not isinstance(config, dict):
+        raise bad("config must be a mapping of key: value")
+    try:  # the same types and ranges `fit` enforces, so a hostile value never builds a model
+        resolve_config(method, config)
+    except AlignpipeError as err:
+        raise bad(str(err)) from None
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -108,17 +163,39 @@ def run_is_complete(out, store_a, store_b, *, method: str, config=None, override
                      overrides=overrides) == "complete"
 
 
+@contextmanager
+def run_lock(out: Path):
+    """One writer per run folder: a second `fit` into it (say a `fit --resume` started while the
+    first still runs) is refused instead of appending a second copy of the metrics."""
+    out = Path(out).absolute()
+    with exclusive_lock(out.with_name(f".{out.name}.lock"), f"run folder {out}"):
+        yield
+
+
+def clear_run_folder(out: Path) -> list[str]:
+    """Remove everything alignpipe wrote into a run folder: the run's files, eval results
+    written there (``eval-*``), and temp files of killed writers. Returns what was removed;
+    other files (a user's notes) stay."""
+    removed = []
+    if not out.is_dir():
+        return removed
+    for path in sorted(out.iterdir()):
+        if path.is_file() and (path.name in RUN_FILES or path.name.startswith(EVAL_PREFIX)):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    remove_temp_files(out)
+    return removed
+
+
 def _prepare_folder(out: Path, identity: dict, resume: bool, overwrite: bool) -> str:
     """Decide new / resume / done for `out`, refusing to mix two different runs in one folder."""
+    if overwrite:  # read nothing first: a damaged config.yaml must not block replacing it
+        clear_run_folder(out)
+        return "new"
     old = read_identity(out)
     if old is None:
-        if out.exists() and any(out.iterdir()) and not overwrite:
+        if out.exists() and any(out.iterdir()):
             raise AlignpipeError(f"{out}: folder exists and is not a run; choose another --out")
-        return "new"
-    if overwrite:
-        for name in (CONFIG, LOG, METRICS, SUMMARY, HEADS_BEST, HEADS_LAST, CHECKPOINT, ANCHORS,
-                     CURVES):
-            (out / name).unlink(missing_ok=True)
         return "new"
     finished = (out / SUMMARY).exists()
     if old != identity:
@@ -159,10 +236,56 @@ class RunLog:
 
 
 def read_metrics(out: Path) -> list[dict]:
+    """The metrics lines of a run. A torn last line (a kill or a full disk mid-write) is left
+    out; any other line that is not a JSON record is an error naming the file and line."""
     path = Path(out) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(
+        path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    records = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                raise ValueError("not a metrics record")
+        except ValueError:
+            if i == len(lines) - 1:
+                break  # torn by a kill mid-append: the checkpoint never saw this epoch
+            raise AlignpipeError(f"{path}: line {number} is not a metrics record (edited or "
+                                 f"damaged); fix or remove the line") from None
+        records.append(record)
+    return records
+
+
+def read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A safetensors file of the run, or one line naming it when it is missing or damaged."""
+    if not path.exists():
+        raise AlignpipeError(f"{path}: the run's {what} is missing")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise AlignpipeError(f"{path}: the run's {what} is damaged, not a readable safetensors "
+                             f"file ({' '.join(str(err).split())[:160]}); refit with "
+                             f"--overwrite") from None
+
+
+def read_tensor_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise AlignpipeError(f"{path}: damaged, not a readable safetensors file "
+                             f"({' '.join(str(err).split())[:160]})") from None
+
+
+def load_into(method, tensors: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """Load saved tensors into a method, naming the file when they do not fit its heads."""
+    try:
+        method.load_state_tensors(tensors)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise AlignpipeError(f"{path}: the run's {what} does not match its config.yaml "
+                             f"({' '.join(str(err).split())[:200]})") from None
 
 
 # ---- loading a finished run (for eval) ----------------------------------------------------------
@@ -190,11 +313,12 @@ def load_run(run, device=None, which: str = "best") -> LoadedRun:
                              f"with `alignpipe fit ... --out {path} --resume`")
     dev = resolve_device(device)
     stores = identity["stores"]
-    method = create_method(identity["method"], identity["config"], stores["a"]["dim"],
-                           stores["b"]["dim"])
+    method = create_method(identity["method"], resolve_config(identity["method"],
+                                                              identity["config"]),
+                           stores["a"]["dim"], stores["b"]["dim"])
     if method.trained:
         heads = path / (HEADS_BEST if which == "best" else HEADS_LAST)
-        method.load_state_tensors(load_file(str(heads), device="cpu"))
+        load_into(method, read_tensors(heads, "heads"), heads, "heads")
     else:
         _load_anchors(method, path, stores, dev, identity["config"])
     return LoadedRun(path, method.to(dev), identity)
@@ -203,7 +327,8 @@ def load_run(run, device=None, which: str = "best") -> LoadedRun:
 def _load_anchors(method, path: Path, stores: dict, device: torch.device, cfg: dict) -> None:
     from alignpipe.latents import check_encoder, read_rows, to_device
 
-    method.load_state_tensors(load_file(str(path / ANCHORS), device="cpu"))
+    load_into(method, read_tensors(path / ANCHORS, "anchor list"), path / ANCHORS,
+              "anchor list")
     opened = {}
     for side in ("a", "b"):
         store = as_store(stores[side]["path"])

@@ -59,9 +59,15 @@ class Asif:
         self.dims = {"a": dim_a, "b": dim_b}
         self.anchors: dict[str, torch.Tensor] = {}
         self.anchor_rows = np.zeros(0, dtype=np.int64)
+        self.warnings: list[str] = []
 
     def fit(self, train: Pairs, val: Pairs | None = None, loop: Loop | None = None) -> None:
         self.set_anchors(train.a, train.b, train.rows)
+        if self.topk > self.n_anchors:
+            self.warnings.append(
+                f"asif topk {self.topk} is more than the {self.n_anchors} anchor pairs: every "
+                f"anchor is kept, so this is topk {self.n_anchors} in effect (no sparsity); "
+                f"set topk below {self.n_anchors} or add training rows")
 
     def set_anchors(self, a: torch.Tensor, b: torch.Tensor, rows: np.ndarray) -> None:
         if a.shape[0] != b.shape[0] or a.shape[0] == 0:

@@ -6,6 +6,14 @@ import torch
 from torch import nn
 
 STATS_CHUNK = 65536
+MAX_HEAD_PARAMETERS = 1_000_000_000  # refuse before allocating: a typo must not hang or OOM
+
+
+def check_head_size(parameters: int, what: str) -> None:
+    if parameters > MAX_HEAD_PARAMETERS:
+        raise ValueError(f"{what} would have {parameters:,} parameters, more than the "
+                         f"{MAX_HEAD_PARAMETERS:,} alignpipe builds; check blocks, expansion "
+                         f"and out_dim")
 
 
 class ResidualBlock(nn.Module):
@@ -25,6 +33,8 @@ class ResidualBlock(nn.Module):
 def mlp_head(dim_in: int, out_dim: int, blocks: int = 4, expansion: float = 4,
              dropout: float = 0.6) -> nn.Sequential:
     """`blocks` residual blocks at the input width, then LayerNorm and a projection."""
+    hidden = int(expansion * dim_in)
+    check_head_size(blocks * 2 * dim_in * hidden + dim_in * out_dim, "an mlp head")
     layers: list[nn.Module] = [ResidualBlock(dim_in, expansion, dropout) for _ in range(blocks)]
     layers += [nn.LayerNorm(dim_in), nn.Linear(dim_in, out_dim)]
     return nn.Sequential(*layers)
@@ -75,6 +85,7 @@ def input_dim(head: nn.Module) -> int | None:
 
 
 def linear_head(dim_in: int, out_dim: int, bias: bool = True) -> nn.Module:
+    check_head_size(dim_in * out_dim, "a linear head")
     return nn.Linear(dim_in, out_dim, bias=bias)
 
 

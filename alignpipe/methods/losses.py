@@ -36,9 +36,14 @@ def symmetric_infonce(za: torch.Tensor, zb: torch.Tensor,
     """Mean of a→b and b→a cross-entropy over the in-batch similarity matrix.
 
     Row i of `za` and row i of `zb` are the positive pair; every other row is a negative.
+
+    The logits and the cross-entropy are always computed in float32, also under bf16 autocast
+    (the heads may run in bf16): at the clamped temperature 0.001 logits reach 1000, where
+    bf16's step is 4. In float32 this is exactly the papers' computation.
     """
-    za = F.normalize(za, dim=-1)
-    zb = F.normalize(zb, dim=-1)
-    logits = za @ zb.T / temperature
-    target = torch.arange(za.shape[0], device=za.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    with torch.autocast(za.device.type, enabled=False):
+        za = F.normalize(za.float(), dim=-1)
+        zb = F.normalize(zb.float(), dim=-1)
+        logits = za @ zb.T / temperature.float()
+        target = torch.arange(za.shape[0], device=za.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
