@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from alignpipe.encoders.base import Encoder, resolve_device
+from alignpipe.encoders.hub import fail_fast
 from alignpipe.encoders.registry import (
     EncoderError,
     EncoderSpec,
@@ -83,17 +84,23 @@ def load_encoder(name: str | EncoderSpec, *, weights: str | Path | None = None,
 
     `modality` only matters for ``hf:`` ids of two-tower models (CLIP): which tower to load.
     """
-    import importlib
-
     spec = name if isinstance(name, EncoderSpec) else get_encoder_spec(name)
     source = resolve_weights(spec, weights)
+    kwargs = {"pooling": pooling, "device": resolve_device(device)}  # before any download
+    with fail_fast():  # no network: an error in seconds, not minutes of retries
+        return _build(spec, source, modality, image_size, kwargs)
+
+
+def _build(spec: EncoderSpec, source: WeightsSource, modality: str | None,
+           image_size: int | None, kwargs: dict) -> Encoder:
+    import importlib
+
     spec, config = resolve_spec(spec, source, modality)
     if image_size is not None and spec.modality != "image":
         raise EncoderError(f"--image-size applies to image encoders; {spec.name} reads "
                            f"{spec.modality}")
     module, cls_name = _ADAPTERS[spec.backend]
     adapter = getattr(importlib.import_module(module), cls_name)
-    kwargs = {"pooling": pooling, "device": resolve_device(device)}
     if spec.modality == "image":
         kwargs["image_size"] = image_size
     if spec.backend != "timm":

@@ -9,11 +9,14 @@ satisfy the `Encoder` protocol; they share helpers, not a base class.
 from __future__ import annotations
 
 import contextlib
+import pickle
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
+from safetensors import SafetensorError
 
+from alignpipe.devices import resolve_device  # noqa: F401  (one device check for all)
 from alignpipe.encoders.registry import EncoderError, EncoderSpec
 from alignpipe.encoders.weights import RANDOM_SEED, WeightsSource
 
@@ -40,18 +43,6 @@ class Encoder(Protocol):
 
     def describe(self) -> dict:
         """Provenance for the store's ``encoder`` attr."""
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise EncoderError(f"--device {device!r}: not a device (use cpu, cuda, cuda:1)") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise EncoderError(f"--device {device}: CUDA is not available on this machine")
-    return resolved
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
@@ -152,7 +143,36 @@ def transformers_quiet() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+# What loading a checkpoint raises for a bad file or an unreachable hub (never a bug of ours).
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError,
+               SafetensorError)
+
+
+def hub_hint() -> str:
+    """Why the hub failed, as far as we know, and what to do instead."""
+    from alignpipe.encoders.hub import known_problem
+
+    problem = known_problem()
+    why = f"{problem}" if problem else "no network here?"
+    return f" ({why}; pass --weights PATH to a local copy)"
+
+
+def one_line(err: BaseException, limit: int = 400) -> str:
+    """An exception's message on one line (library messages often run to a paragraph)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _refused_pickle(err: BaseException) -> bool:
+    return any(isinstance(e, pickle.UnpicklingError) for e in (err, err.__cause__))
+
+
 def weight_error(spec: EncoderSpec, source: WeightsSource, err: Exception) -> EncoderError:
     where = source.path if source.local else f"the hub ({spec.model_id})"
-    hint = "" if source.local else " (no network here? pass --weights PATH to a local copy)"
-    return EncoderError(f"{spec.name}: cannot load weights from {where}{hint}: {err}")
+    if _refused_pickle(err):  # torch.load(weights_only=True) met something not a tensor
+        return EncoderError(
+            f"{spec.name}: weights {where} are not plain tensors (a pickle with Python objects, "
+            f"or not a checkpoint at all); alignpipe never unpickles code: give a "
+            f".safetensors file or a checkpoint saved from a state_dict")
+    hint = "" if source.local else hub_hint()
+    return EncoderError(f"{spec.name}: cannot load weights from {where}{hint}: {one_line(err)}")

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import torch
 
-from alignpipe.encoders.base import init_seed, seeded, transformers_quiet, weight_error
+from alignpipe.encoders.base import (
+    LOAD_ERRORS,
+    hub_hint,
+    init_seed,
+    one_line,
+    seeded,
+    transformers_quiet,
+    weight_error,
+)
 from alignpipe.encoders.registry import EncoderError, EncoderSpec
 from alignpipe.encoders.weights import WeightsSource, installed_minilm
 
@@ -49,7 +57,7 @@ def load_hf_model(cls, spec: EncoderSpec, source: WeightsSource, **kwargs) -> to
             return _load(cls, spec, source, **kwargs)
     except EncoderError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except LOAD_ERRORS as err:
         raise weight_error(spec, source, err) from None
 
 
@@ -105,7 +113,9 @@ def load_config(spec: EncoderSpec, source: WeightsSource):
 
     where = source.path if source.kind == "dir" else spec.model_id
     try:
-        return AutoConfig.from_pretrained(where)
+        with transformers_quiet():
+            return AutoConfig.from_pretrained(where)
     except (OSError, ValueError) as err:
-        raise EncoderError(f"{spec.name}: cannot read the model config from {where}: "
-                           f"{err}") from None
+        hint = "" if source.kind == "dir" else hub_hint()
+        raise EncoderError(f"{spec.name}: cannot read the model config from {where}{hint}: "
+                           f"{one_line(err)}") from None

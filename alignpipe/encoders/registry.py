@@ -26,6 +26,9 @@ POOLINGS = {
     "hf-clap": ("projection",),
     "hf-auto": ("cls", "mean", "cls+mean", "max", "projection"),
 }
+# DINOv2's linear-eval transform (and the facebook/dinov2-* HF processors): resize the shorter
+# side to 256, centre-crop 224. timm's pretrained config says crop_pct 1.0 (resize 224).
+DINOV2_CROP_PCT = 0.875
 TIMM_PREFIX = "timm:"
 HF_PREFIX = "hf:"
 
@@ -40,6 +43,8 @@ class EncoderSpec:
 
     `dim` and `modality` are None only for ``hf:`` ids, whose config decides them at load time.
     `test_config` marks a test encoder: built from this config with a fixed seed, no hub.
+    `crop_pct` (timm only): the centre crop's share of the resized image when the paper's eval
+    protocol differs from timm's pretrained config; None keeps timm's.
     """
 
     name: str
@@ -50,6 +55,7 @@ class EncoderSpec:
     dim: int | None = None
     prefix: str = ""
     image_size: int | None = None
+    crop_pct: float | None = None
     sample_rate: int | None = None
     max_seconds: float | None = None
     batch_size: int = 128
@@ -137,8 +143,10 @@ def _timm_spec(name: str) -> EncoderSpec:
         close = timm.list_models(f"*{model.split('.')[0]}*")[:5]
         hint = f"; close: {', '.join(close)}" if close else ""
         raise EncoderError(f"timm has no model {model!r}{hint}")
+    dinov2 = "_dinov2" in model.split(".")[0]
     return EncoderSpec(name=name, backend="timm", model_id=model, modality="image",
-                       pooling=None, description="any timm model")
+                       pooling=None, crop_pct=DINOV2_CROP_PCT if dinov2 else None,
+                       description="any timm model")
 
 
 def with_overrides(spec: EncoderSpec, **changes) -> EncoderSpec:

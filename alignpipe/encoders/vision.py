@@ -1,11 +1,13 @@
 """Image encoders: timm models and transformers vision towers (DINOv2, CLIP, any hf: id).
 
-Decode threads run the library's own resize and crop on PIL images and hand over uint8
+Decode threads run the resize and centre crop that the model's own config describes (one
+implementation for both backends, `pixels.ResizeCrop`) on PIL images and hand over uint8
 arrays; scaling and normalisation happen on the device (`PixelNormalizer`).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 
 from alignpipe.encoders.base import (
+    LOAD_ERRORS,
     PixelNormalizer,
     check_pooling,
     freeze,
@@ -23,6 +26,7 @@ from alignpipe.encoders.base import (
     weight_error,
 )
 from alignpipe.encoders.hf import load_hf_model, processor_source
+from alignpipe.encoders.pixels import ImagePrep, from_processor, from_timm
 from alignpipe.encoders.registry import EncoderError, EncoderSpec
 from alignpipe.encoders.weights import WeightsSource, weight_files
 from alignpipe.media import MediaRef, open_image
@@ -115,7 +119,7 @@ def _create_timm(spec: EncoderSpec, source: WeightsSource, image_size: int | Non
                 model = create(**kwargs)
     except EncoderError:
         raise
-    except (RuntimeError, OSError, ValueError, KeyError) as err:
+    except LOAD_ERRORS as err:
         raise weight_error(spec, source, err) from None
     if source.local and report.problems:
         raise EncoderError(f"{spec.name}: weights {source.path} does not fit {spec.model_id}: "
@@ -143,9 +147,17 @@ class TimmImageEncoder:
         self.pooling = check_pooling(spec, pooling if pooling or tokens else "model", allowed)
         self.model = freeze(model, device)
         args = {"input_size": (3, size, size)} if size else {}
+        if spec.crop_pct is not None:
+            args["crop_pct"] = spec.crop_pct  # the paper's eval crop, not timm's config
         self.data_config = resolve_data_config(args, model=model)
-        self.steps = _split_timm_transform(create_transform(**self.data_config,
-                                                            is_training=False))
+        transform = from_timm(self.data_config, f"timm pretrained_cfg of {spec.model_id}")
+        if transform is not None:
+            self.steps = [ImagePrep(transform)]
+            self.preprocessing = transform.record()
+        else:  # timm's squash/border crop modes: its own transform
+            self.steps = _split_timm_transform(create_transform(**self.data_config,
+                                                                is_training=False))
+            self.preprocessing = {"library": "timm.data.create_transform"}
         self.normalize = PixelNormalizer(self.data_config["mean"], self.data_config["std"],
                                          device, channels_last=True)
         width = int(getattr(model, "head_hidden_size", model.num_features))
@@ -173,7 +185,7 @@ class TimmImageEncoder:
         return {"backend": "timm", "model_id": self.spec.model_id,
                 "hub_id": cfg.get("hf_hub_id") if self.source.kind == "hub" else None,
                 "pooling": self.pooling, "image_size": int(self.data_config["input_size"][-1]),
-                "preprocessing": {"library": "timm.data.create_transform", **preprocessing},
+                "preprocessing": {**preprocessing, **self.preprocessing},
                 **self.source.record()}
 
 
@@ -208,44 +220,64 @@ class HFImageEncoder:
         self.model = freeze(load_hf_model(cls, spec, source), device)
         self.processor = _image_processor(spec, source)
         self.image_size = image_size
-        self.size_args = ({"size": {"shortest_edge": image_size},
-                           "crop_size": {"height": image_size, "width": image_size}}
-                          if image_size else {})
-        self.normalize = PixelNormalizer(self.processor.image_mean, self.processor.image_std,
-                                         device, channels_last=False,
-                                         rescale=float(self.processor.rescale_factor))
+        self.transform = from_processor(self.processor, image_size)
+        if self.transform is not None:  # the same resize/crop code as the timm backend
+            self.prep = ImagePrep(self.transform)
+            self.normalize = PixelNormalizer(self.transform.mean, self.transform.std, device,
+                                             channels_last=True)
+        else:  # a processor with rules of its own: run it (without --image-size)
+            if image_size:
+                raise EncoderError(f"{spec.name}: --image-size is not supported for "
+                                   f"{type(self.processor).__name__}; drop it to use the "
+                                   f"processor's own size")
+            self.prep = None
+            self.normalize = PixelNormalizer(self.processor.image_mean,
+                                             self.processor.image_std, device,
+                                             channels_last=False,
+                                             rescale=float(self.processor.rescale_factor))
         cfg = self.model.config
+        # CLIP-style towers resample their position embedding only when asked (DINOv2 always)
+        takes = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
+        self.forward_args = {"interpolate_pos_encoding": True} if takes and image_size else {}
         self.prefix_tokens = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
         width = int(cfg.projection_dim if self.projected else cfg.hidden_size)
         self.dim = width * 2 if self.pooling == "cls+mean" else width
 
-    def prepare(self, value: MediaRef) -> torch.Tensor:
+    def prepare(self, value: MediaRef) -> np.ndarray | torch.Tensor:
         image = open_image(value)
+        if self.prep is not None:
+            return self.prep(image)
         pixels = self.processor(images=image, do_rescale=False, do_normalize=False,
-                                return_tensors="pt", **self.size_args)["pixel_values"][0]
+                                return_tensors="pt")["pixel_values"][0]
         if pixels.dtype != torch.uint8:  # PIL-backend processors hand back float pixel values
             pixels = pixels.round().clamp(0, 255).to(torch.uint8)
         return pixels
 
-    def collate(self, items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def collate(self, items: list) -> dict[str, torch.Tensor]:
+        if self.prep is not None:
+            return {"pixels": torch.from_numpy(np.stack(items))}
         return {"pixels": torch.stack(items)}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x = self.normalize(batch["pixels"])
-        extra = {"interpolate_pos_encoding": True} if self.image_size else {}
-        out = self.model(pixel_values=x, **extra)
+        out = self.model(pixel_values=x, **self.forward_args)
         if self.projected:
             return out.image_embeds
         return pool_tokens(out.last_hidden_state, self.pooling, self.prefix_tokens)
 
     def describe(self) -> dict:
-        processor = {k: v for k, v in self.processor.to_dict().items()
-                     if k in ("size", "crop_size", "resample", "image_mean", "image_std",
-                              "rescale_factor", "do_center_crop", "image_processor_type")}
+        if self.transform is not None:
+            preprocessing = self.transform.record()
+            crop = self.transform.crop
+            image_size = crop[0] if crop else self.image_size
+        else:
+            preprocessing = {"library": "transformers image processor", **{
+                k: v for k, v in self.processor.to_dict().items()
+                if k in ("size", "crop_size", "resample", "image_mean", "image_std",
+                         "rescale_factor", "do_center_crop", "image_processor_type")}}
+            image_size = self.image_size
         return {"backend": self.spec.backend, "model_id": self.spec.model_id,
                 "revision": getattr(self.model.config, "_commit_hash", None),
-                "pooling": self.pooling, "image_size": self.image_size,
-                "preprocessing": {"library": "transformers image processor", **processor,
-                                  **self.size_args},
-                **self.source.record()}
+                "pooling": self.pooling, "image_size": image_size,
+                "preprocessing": preprocessing, **self.source.record()}
 

@@ -1,13 +1,14 @@
 """The named encoders. Preprocessing is never written here: it comes from each model's own
 config (timm's data config, the HF processor) when the adapter loads it.
 
-`image_size` 224 for DINOv2 follows the HF processor of facebook/dinov2-* (crop 224) and the
-paper's linear evaluation; timm's data config says 518 and ``--image-size 518`` restores it.
+DINOv2 follows the paper's linear evaluation and the HF processor of facebook/dinov2-*: resize
+the shorter side to 256, centre-crop 224 (`image_size` 224, `crop_pct` 0.875; timm's own data
+config says 518 at crop_pct 1.0). ``--image-size S`` keeps the ratio: 448 resizes to 512.
 """
 
 from __future__ import annotations
 
-from alignpipe.encoders.registry import EncoderSpec, register_encoder
+from alignpipe.encoders.registry import DINOV2_CROP_PCT, EncoderSpec, register_encoder
 
 # ---- vision: timm -------------------------------------------------------------------------------
 _DINOV2 = {"dinov2": ("large", 1024, 256), "dinov2-g": ("giant", 1536, 128),
@@ -18,7 +19,8 @@ def _dinov2(name: str) -> EncoderSpec:
     size, dim, batch = _DINOV2[name]
     return EncoderSpec(
         name=name, backend="timm", model_id=f"vit_{size}_patch14_dinov2.lvd142m",
-        modality="image", pooling="cls", dim=dim, image_size=224, batch_size=batch,
+        modality="image", pooling="cls", dim=dim, image_size=224, crop_pct=DINOV2_CROP_PCT,
+        batch_size=batch,
         description=f"DINOv2 ViT-{size[0].upper()}/14 (timm), CLS after the final norm")
 
 
