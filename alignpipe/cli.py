@@ -66,6 +66,18 @@ def friendly(fn):
     return wrapper
 
 
+ThreadsOption = Annotated[int | None, typer.Option(
+    help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the CPUs the load "
+         "average leaves free).", min=1)]
+
+
+def use_threads(threads: int | None) -> None:
+    """Size torch's CPU thread pool before any work (a busy machine otherwise thrashes)."""
+    from alignpipe.devices import set_threads
+
+    set_threads(threads)
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, str]:
     """``["a.b=1", "c=x"]`` -> ``{"a.b": "1", "c": "x"}``."""
     out: dict[str, str] = {}
@@ -207,6 +219,7 @@ def embed(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     list_encoders_: Annotated[bool, typer.Option(
         "--list-encoders", help="List the registered encoders and exit.")] = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Stream a manifest once through a frozen encoder into the latent store (resumable)."""
     if list_encoders_:
@@ -224,6 +237,7 @@ def embed(
     if manifest is None or encoder is None:
         raise AlignpipeError("embed needs a MANIFEST and --encoder NAME "
                              "(--list-encoders shows the names)")
+    use_threads(threads)
     from alignpipe.embed import FailureRateError
     from alignpipe.embed import embed as run_embed
 
@@ -276,18 +290,6 @@ def _common_overrides(set_: list[str] | None, **flags) -> dict[str, str]:
     return overrides
 
 
-ManifestOption = Annotated[list[Path] | None, typer.Option(
-    "--manifest", help="Where the stores' manifest is now, if it moved apart from them "
-                       "(checked by sha256; repeat for stores of two manifests).")]
-AllowPartialOption = Annotated[bool, typer.Option(
-    help="Use unfinished stores anyway (only the rows embedded so far).")]
-
-
-def _print_partial(result: dict) -> None:
-    for note in result.get("partial", []):
-        err_console.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)
-
-
 @app.command()
 @friendly
 def fit(
@@ -312,8 +314,7 @@ def fit(
     list_methods: Annotated[bool, typer.Option(
         "--list-methods", help="List the registered methods and exit.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar and log lines.")] = True,
-    manifest: ManifestOption = None,
-    allow_partial: AllowPartialOption = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Train alignment heads on two stores of one manifest (nothing touches an encoder)."""
     if list_methods:
@@ -326,10 +327,12 @@ def fit(
     from alignpipe.fit import fit as fit_stores
     from alignpipe.report import fit_summary_table
 
+    use_threads(threads)
+
     overrides = _common_overrides(set_, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     summary = fit_stores(store_a, store_b, method=method, out=out, config=config,
                          overrides=overrides, resume=resume, device=device, progress=progress,
-                         overwrite=overwrite, manifest=manifest, allow_partial=allow_partial)
+                         overwrite=overwrite)
     console.print(fit_summary_table(summary.to_dict()))
 
 
@@ -342,16 +345,12 @@ def similarity(
     sample: Annotated[int, typer.Option(help="Rows to sample (valid in every store).")] = 5000,
     k: Annotated[int, typer.Option(help="Neighbours for mutual kNN.")] = 10,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    manifest: ManifestOption = None,
-    allow_partial: AllowPartialOption = False,
 ) -> None:
     """Linear CKA and mutual kNN between every pair of stores of one manifest."""
     from alignpipe.report import similarity_tables
     from alignpipe.similarity import similarity as similarity_of
 
-    result = similarity_of(stores, sample=sample, k=k, seed=seed, output=output,
-                           manifest=manifest, allow_partial=allow_partial)
-    _print_partial(result)
+    result = similarity_of(stores, sample=sample, k=k, seed=seed, output=output)
     for table in similarity_tables(result):
         console.print(table)
     console.print(f"wrote {output} and {output.with_suffix('.png')}")
@@ -374,16 +373,13 @@ def eval_retrieval(
     split: Annotated[str, typer.Option(help="Manifest split to score.")] = "test",
     output: OutputOption = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda (default: best).")] = None,
-    manifest: ManifestOption = None,
-    allow_partial: AllowPartialOption = False,
 ) -> None:
     """Recall@1/5/10 both ways between two stores (through a run, or --identity)."""
     from alignpipe.evaluate import eval_retrieval as retrieval
     from alignpipe.report import retrieval_table
 
     result = retrieval(run, store_a, store_b, split=split, identity=identity, output=output,
-                       device=device, manifest=manifest, allow_partial=allow_partial)
-    _print_partial(result)
+                       device=device)
     console.print(retrieval_table(result))
 
 
@@ -400,8 +396,6 @@ def eval_zeroshot(
         help="mean (CLIP: average templates) or max (ASIF: best template).")] = "mean",
     output: OutputOption = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda (default: best).")] = None,
-    manifest: ManifestOption = None,
-    allow_partial: AllowPartialOption = False,
 ) -> None:
     """Zero-shot classification of a query store against a prompts store."""
     from alignpipe.evaluate import eval_zeroshot as zeroshot
@@ -409,8 +403,7 @@ def eval_zeroshot(
 
     result = zeroshot(run, query_store, prompts_store, split=split,
                       class_embedding=class_embedding, identity=identity, output=output,
-                      device=device, manifest=manifest, allow_partial=allow_partial)
-    _print_partial(result)
+                      device=device)
     console.print(zeroshot_table(result))
 
 
@@ -463,10 +456,13 @@ def run(
     dry_run: Annotated[bool, typer.Option(
         help="Print the plan, marking what the cache already holds; run nothing.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    threads: ThreadsOption = None,
 ) -> None:
     """Run a pipeline YAML: embed, fit and eval, reusing whatever the cache holds."""
     from alignpipe.pipeline import run_pipeline
     from alignpipe.report import results_table
+
+    use_threads(threads)
 
     result = run_pipeline(pipeline, parse_overrides(set_), dry_run=dry_run, progress=progress,
                           echo=lambda line: console.print(line, markup=False, highlight=False))
