@@ -290,6 +290,18 @@ def _common_overrides(set_: list[str] | None, **flags) -> dict[str, str]:
     return overrides
 
 
+ManifestOption = Annotated[list[Path] | None, typer.Option(
+    "--manifest", help="Where the stores' manifest is now, if it moved apart from them "
+                       "(checked by sha256; repeat for stores of two manifests).")]
+AllowPartialOption = Annotated[bool, typer.Option(
+    help="Use unfinished stores anyway (only the rows embedded so far).")]
+
+
+def _print_partial(result: dict) -> None:
+    for note in result.get("partial", []):
+        err_console.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)
+
+
 @app.command()
 @friendly
 def fit(
@@ -314,6 +326,8 @@ def fit(
     list_methods: Annotated[bool, typer.Option(
         "--list-methods", help="List the registered methods and exit.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar and log lines.")] = True,
+    manifest: ManifestOption = None,
+    allow_partial: AllowPartialOption = False,
     threads: ThreadsOption = None,
 ) -> None:
     """Train alignment heads on two stores of one manifest (nothing touches an encoder)."""
@@ -332,7 +346,7 @@ def fit(
     overrides = _common_overrides(set_, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     summary = fit_stores(store_a, store_b, method=method, out=out, config=config,
                          overrides=overrides, resume=resume, device=device, progress=progress,
-                         overwrite=overwrite)
+                         overwrite=overwrite, manifest=manifest, allow_partial=allow_partial)
     console.print(fit_summary_table(summary.to_dict()))
 
 
@@ -345,12 +359,16 @@ def similarity(
     sample: Annotated[int, typer.Option(help="Rows to sample (valid in every store).")] = 5000,
     k: Annotated[int, typer.Option(help="Neighbours for mutual kNN.")] = 10,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    manifest: ManifestOption = None,
+    allow_partial: AllowPartialOption = False,
 ) -> None:
     """Linear CKA and mutual kNN between every pair of stores of one manifest."""
     from alignpipe.report import similarity_tables
     from alignpipe.similarity import similarity as similarity_of
 
-    result = similarity_of(stores, sample=sample, k=k, seed=seed, output=output)
+    result = similarity_of(stores, sample=sample, k=k, seed=seed, output=output,
+                           manifest=manifest, allow_partial=allow_partial)
+    _print_partial(result)
     for table in similarity_tables(result):
         console.print(table)
     console.print(f"wrote {output} and {output.with_suffix('.png')}")
@@ -373,13 +391,16 @@ def eval_retrieval(
     split: Annotated[str, typer.Option(help="Manifest split to score.")] = "test",
     output: OutputOption = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda (default: best).")] = None,
+    manifest: ManifestOption = None,
+    allow_partial: AllowPartialOption = False,
 ) -> None:
     """Recall@1/5/10 both ways between two stores (through a run, or --identity)."""
     from alignpipe.evaluate import eval_retrieval as retrieval
     from alignpipe.report import retrieval_table
 
     result = retrieval(run, store_a, store_b, split=split, identity=identity, output=output,
-                       device=device)
+                       device=device, manifest=manifest, allow_partial=allow_partial)
+    _print_partial(result)
     console.print(retrieval_table(result))
 
 
@@ -396,6 +417,8 @@ def eval_zeroshot(
         help="mean (CLIP: average templates) or max (ASIF: best template).")] = "mean",
     output: OutputOption = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda (default: best).")] = None,
+    manifest: ManifestOption = None,
+    allow_partial: AllowPartialOption = False,
 ) -> None:
     """Zero-shot classification of a query store against a prompts store."""
     from alignpipe.evaluate import eval_zeroshot as zeroshot
@@ -403,7 +426,8 @@ def eval_zeroshot(
 
     result = zeroshot(run, query_store, prompts_store, split=split,
                       class_embedding=class_embedding, identity=identity, output=output,
-                      device=device)
+                      device=device, manifest=manifest, allow_partial=allow_partial)
+    _print_partial(result)
     console.print(zeroshot_table(result))
 
 
