@@ -3,6 +3,10 @@
 A store's identity is the request that made it (encoder name, weights hash, pooling, image size,
 column, prefix), the manifest's sha256 and the latent dtype. A rerun with the same identity
 resumes, skipping finished work units; a different identity is refused unless ``overwrite``.
+The batch size is part of it too, for resuming: batched kernels round differently at another
+batch size, so a resume keeps the store's batch size (refusing an explicit other one) and the
+finished store equals an uninterrupted run bit for bit. One `embed` at a time writes a store
+(`lock_store`); a second is refused.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from alignpipe.encoders import (
     resolve_weights,
 )
 from alignpipe.errors import AlignpipeError, StoreError
-from alignpipe.manifest import Manifest, read_manifest
+from alignpipe.manifest import MEDIA_COLUMNS, PATH_COLUMNS, Manifest, read_manifest
 from alignpipe.store import (
     DTYPES,
     LatentStore,
     is_store,
+    lock_store,
     open_store,
     store_path,
 )
@@ -105,6 +110,29 @@ def _manifest(manifest: str | Path | Manifest) -> Manifest:
     return manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
 
 
+def dataset_name(dataset: str | None, manifest: Manifest) -> str:
+    """The store's dataset folder: one plain folder name, so a store never lands outside
+    ``<cache>`` (``--dataset ../../x`` is refused)."""
+    name = manifest.name if dataset is None else str(dataset)
+    if (not name.strip() or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name):
+        what = "--dataset" if dataset is not None else f"{manifest.path}: the manifest's name"
+        raise EmbedError(f"{what} {name!r} is not a plain folder name (no '/', '\\' or '..'): "
+                         f"the store goes to <cache>/<dataset>/<encoder>; give --dataset NAME")
+    return name
+
+
+def check_column(column: str, modality: str, encoder: str) -> None:
+    """Refuse a media column of another modality than the encoder's: a text encoder given the
+    image column would embed its path strings as captions, with every row 'valid'."""
+    if column not in MEDIA_COLUMNS or column == modality:
+        return
+    held = f"{column} file paths" if column in PATH_COLUMNS else "text"
+    raise EmbedError(f"--column {column} holds {held}, but {encoder} is a {modality} encoder; "
+                     f"give a column of {modality} (the default is --column {modality}) or "
+                     f"an encoder for {column}")
+
+
 def make_request(encoder: str, *, column: str | None, weights, image_size: int | None,
                  pooling: str | None, latent_dtype: str) -> Request:
     spec = get_encoder_spec(encoder)
@@ -162,7 +190,7 @@ def embed_status(manifest, encoder: str, cache="cache", *, dataset=None, column=
     manifest = _manifest(manifest)
     request = make_request(encoder, column=column, weights=weights, image_size=image_size,
                            pooling=pooling, latent_dtype=latent_dtype)
-    path = store_path(cache, dataset or manifest.name, encoder)
+    path = store_path(cache, dataset_name(dataset, manifest), encoder)
     if not path.exists():
         return "missing"
     try:
@@ -174,6 +202,23 @@ def embed_status(manifest, encoder: str, cache="cache", *, dataset=None, column=
     if _differences(store, request, manifest):
         return "conflict"
     return "complete" if store.complete else "partial"
+
+
+def _resume_batch(store: LatentStore | None, batch_size: int | None) -> int | None:
+    """The batch size a run on `store` must use: the one it was started with, when it has
+    units left to do (None: choose one)."""
+    if store is None:
+        return batch_size
+    started = store.encoder.get("request", {}).get("batch_size")
+    if started is None or not store.pending_units():
+        return batch_size  # made before batch sizes were recorded, or nothing left to run
+    if batch_size is not None and batch_size != started:
+        raise EmbedError(
+            f"{store.path} was started with --batch-size {started}; resuming it with "
+            f"--batch-size {batch_size} would give latents that differ slightly from an "
+            f"uninterrupted run (kernels round differently per batch size). Leave out "
+            f"--batch-size (or pass {started}) to resume, or pass --overwrite to start again")
+    return int(started)
 
 
 def _defaults(request: Request, batch_size, workers, device) -> tuple[int, int]:
@@ -225,19 +270,22 @@ def embed(manifest, encoder: str, cache="cache", *, dataset=None, column=None, w
     read_column = column or spec.modality
     if not manifest.has(read_column):
         manifest.column(read_column)  # raises ManifestError naming the columns it does have
-    path = store_path(cache, dataset or manifest.name, encoder).resolve()
-    store = _resolve_existing(path, request, manifest, overwrite)
-    batch, decoders = _defaults(request, batch_size, workers, device)
-    job = Job(manifest=str(manifest.path.resolve()), manifest_sha256=manifest.sha256,
-              store=str(path.resolve()), encoder=encoder, column=read_column,
-              modality=spec.modality, weights=str(weights) if weights is not None else None,
-              image_size=image_size, pooling=pooling, device=device, dtype=dtype,
-              batch_size=batch, workers=decoders,
-              decode_timeout=decode_timeout or DECODE_TIMEOUT_S)
-    remember_manifest(job, manifest)
-    outcome = run_job(job, request, store, unit_rows=unit_rows, cluster=cluster,
-                      scheduler=scheduler, progress=progress)
-    summary = _summary(outcome, began, encoder)
+    check_column(read_column, spec.modality, encoder)
+    path = store_path(cache, dataset_name(dataset, manifest), encoder).resolve()
+    with lock_store(path):  # held until the store is finished: one writer per store
+        store = _resolve_existing(path, request, manifest, overwrite)
+        batch, decoders = _defaults(request, _resume_batch(store, batch_size), workers,
+                                    device)
+        job = Job(manifest=str(manifest.path.resolve()), manifest_sha256=manifest.sha256,
+                  store=str(path.resolve()), encoder=encoder, column=read_column,
+                  modality=spec.modality, weights=str(weights) if weights is not None else None,
+                  image_size=image_size, pooling=pooling, device=device, dtype=dtype,
+                  batch_size=batch, workers=decoders,
+                  decode_timeout=decode_timeout or DECODE_TIMEOUT_S)
+        remember_manifest(job, manifest)
+        outcome = run_job(job, request, store, unit_rows=unit_rows, cluster=cluster,
+                          scheduler=scheduler, progress=progress)
+        summary = _summary(outcome, began, encoder)
     summary.extra = {"batch_size": batch, "workers": decoders, "cluster": cluster or scheduler}
     return _check_failure_rate(summary, max_failure_rate)
 

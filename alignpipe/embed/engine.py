@@ -26,8 +26,10 @@ import torch
 
 from alignpipe.embed.decoders import make_decoder
 from alignpipe.embed.plan import Batch, UnitPlan, plan_unit, unit_result
+from alignpipe.embed.pool import Stopped
 from alignpipe.encoders import Encoder
 from alignpipe.encoders.base import autocast
+from alignpipe.fsutil import os_errors
 from alignpipe.manifest import Manifest
 from alignpipe.store import LatentStore
 
@@ -35,6 +37,7 @@ DECODE_TIMEOUT_S = float(os.environ.get("ALIGNPIPE_DECODE_TIMEOUT", "120"))
 # Test hook: sleep this long after each batch, so a test can kill a run mid-way.
 THROTTLE_ENV = "ALIGNPIPE_EMBED_THROTTLE_S"
 PREFETCH_BATCHES = 3
+STOP_WAIT_S = 30.0  # how long a failed run waits for its producer thread to wind down
 
 
 @dataclass
@@ -52,7 +55,11 @@ class UnitStats:
 
 
 class _Writer:
-    """Writes finished units on a background thread; re-raises its errors in the caller."""
+    """Writes finished units on a background thread; re-raises its errors in the caller.
+
+    A full disk or a read-only folder surfaces as the `DiskError` naming the path; the unit it
+    hit stays unmarked (redone by the next run) and every unit marked before it stays valid.
+    """
 
     def __init__(self, store: LatentStore):
         self.store = store
@@ -65,7 +72,9 @@ class _Writer:
         while (job := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    self.store.write_unit(*job)
+                    unit, latents, valid, failures, stats, ids = job
+                    with os_errors(self.store.path):
+                        self.store.write_unit(unit, latents, valid, failures, stats, ids=ids)
                 except BaseException as err:  # surfaced by submit/close in the main thread
                     self.error = err
 
@@ -73,14 +82,21 @@ class _Writer:
         if self.error is not None:
             raise self.error
 
-    def submit(self, unit: int, latents, valid, failures, stats: dict) -> None:
+    def submit(self, unit: int, latents, valid, failures, stats: dict, ids: list) -> None:
         self._check()
-        self.queue.put((unit, latents, valid, failures, stats))
+        self.queue.put((unit, latents, valid, failures, stats, ids))
 
     def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
+        """Finish the queued units and stop; raises the first write error."""
+        self.stop()
         self._check()
+
+    def stop(self) -> None:
+        """End the thread after what is queued (on every path: a blocked writer thread would
+        outlive the run, and pile up in a long-lived dask worker)."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
 
 
 class UnitRunner:
@@ -106,16 +122,22 @@ class UnitRunner:
 
     def _produce(self, units: list[int], out: queue.Queue, stop: threading.Event) -> None:
         decoder = make_decoder(self.encoder, self.batch_size, self.workers, self.timeout)
+        messages = decoder.iterate(self._plans(units), stop)
         try:
-            for message in decoder.iterate(self._plans(units)):
+            for message in messages:
                 if stop.is_set():
                     return
                 if isinstance(message, Batch) and self.device.type == "cuda":
                     message.tensors = {k: v.pin_memory() for k, v in message.tensors.items()}
                 out.put(message)
             out.put(None)
+        except Stopped:
+            return
         except BaseException as err:  # a collate bug must stop the run, not hang it
-            out.put(err)
+            if not stop.is_set():
+                out.put(err)
+        finally:
+            messages.close()  # hand the decode pool back (or close it) in this thread, now
 
     # ---- consumer side (this thread) -------------------------------------------------------------
     def _launch(self, batch: Batch):
@@ -166,7 +188,8 @@ class UnitRunner:
                 writer.close()
             finally:
                 stop.set()
-                _drain(feed)
+                _wind_down(producer, feed)
+                writer.stop()
         return stats
 
     @contextmanager
@@ -215,7 +238,8 @@ class UnitRunner:
                 counted: dict[int, int], progress) -> None:
         latents, valid, failures = unit_result(plan, self.column, self.store.dim)
         n_valid = int(valid.sum())
-        writer.submit(plan.unit, latents, valid, failures, {"items": len(plan.values)})
+        writer.submit(plan.unit, latents, valid, failures, {"items": len(plan.values)},
+                      plan.ids)
         stats.add({"rows": plan.rows, "valid": n_valid, "failed": plan.rows - n_valid,
                    "units": 1})
         if progress:
@@ -234,3 +258,13 @@ def _drain(feed: queue.Queue) -> None:
             feed.get_nowait()
     except queue.Empty:
         pass
+
+
+def _wind_down(producer: threading.Thread, feed: queue.Queue) -> None:
+    """Wait for the (stopped) producer to close its decoders, so that no thread or worker of
+    this run outlives it and none touches a pool after the process started exiting."""
+    deadline = time.monotonic() + STOP_WAIT_S
+    while producer.is_alive() and time.monotonic() < deadline:
+        _drain(feed)
+        producer.join(0.05)
+    _drain(feed)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as tmp
 
+from alignpipe.embed.pool import Stopped
 from alignpipe.media import MediaError
 
 _POLL_S = 0.05
@@ -61,7 +62,7 @@ def _worker(slot: int, tasks, results, status, prepare: Callable, collate: Calla
     torch.set_num_threads(1)  # as DataLoader workers: no thread pools inside forked children
     base = slot * _FIELDS
     while (task := _next_task(tasks, parent)) is not None:
-        task_id, items = task
+        task_id, attempt, items = task
         ok, prepared, failed = [], [], []
         for position, (index, value) in enumerate(items):
             status[base:base + _FIELDS] = [task_id, position, time.monotonic()]
@@ -74,9 +75,9 @@ def _worker(slot: int, tasks, results, status, prepare: Callable, collate: Calla
         try:
             tensors = collate(prepared) if prepared else None
         except Exception:
-            results.put((task_id, None, traceback.format_exc(), failed))
+            results.put((task_id, attempt, None, traceback.format_exc(), failed))
             continue
-        results.put((task_id, ok, tensors, failed))
+        results.put((task_id, attempt, ok, tensors, failed))
 
 
 @dataclass
@@ -87,10 +88,16 @@ class _Task:
     tensors: dict | None = None
     failed: list[tuple[int, str]] = field(default_factory=list)
     done: bool = False
+    attempt: int = 0  # bumped on each resend; a result from an earlier attempt is stale
 
 
 class ProcessPool:
-    """`submit` chunks of (index, value); `result(task_id)` waits for that chunk's batch."""
+    """`submit` chunks of (index, value); `result(task_id)` waits for that chunk's batch.
+
+    A process keeps one pool per encoder and reuses it across work units and dask tasks:
+    forking workers from a process that holds a CUDA context is done once, not once per task.
+    Task ids are unique over the pool's life, so a late result never lands in a later task.
+    """
 
     def __init__(self, prepare: Callable, collate: Callable, workers: int, timeout: float):
         self.ctx = tmp.get_context("fork")
@@ -100,6 +107,8 @@ class ProcessPool:
         self.status = self.ctx.Array("d", _FIELDS * max(1, workers), lock=False)
         self.procs: list = [None] * max(1, workers)
         self.open: dict[int, _Task] = {}
+        self.next_id = 0
+        self.closed = False
         for slot in range(len(self.procs)):
             self._start(slot)
 
@@ -111,13 +120,24 @@ class ProcessPool:
         proc.start()
         self.procs[slot] = proc
 
-    def submit(self, task_id: int, items: list[tuple[int, Any]]) -> None:
-        self.open[task_id] = _Task(task_id, items)
-        self.tasks.put((task_id, items))
+    @property
+    def idle(self) -> bool:
+        """Open and with no task outstanding: fit to serve the next run."""
+        return not self.closed and not self.open
 
-    def result(self, task_id: int) -> _Task:
+    def submit(self, items: list[tuple[int, Any]]) -> int:
+        """Queue one chunk; returns its task id."""
+        task_id, self.next_id = self.next_id, self.next_id + 1
+        self.open[task_id] = _Task(task_id, items)
+        self.tasks.put((task_id, 0, items))
+        return task_id
+
+    def result(self, task_id: int, stop=None) -> _Task:
+        """Wait for a chunk; raises `Stopped` once `stop` (a threading.Event) is set."""
         task = self.open[task_id]
         while not task.done:
+            if stop is not None and stop.is_set():
+                raise Stopped
             try:
                 self._receive(self.results.get(timeout=_POLL_S))
             except queue.Empty:
@@ -125,10 +145,12 @@ class ProcessPool:
         return self.open.pop(task_id)
 
     def _receive(self, message) -> None:
-        task_id, ok, tensors, failed = message
+        task_id, attempt, ok, tensors, failed = message
         task = self.open.get(task_id)
-        if task is None or task.done:
-            return  # a duplicate from a worker replaced just after it finished
+        if task is None or task.done or attempt != task.attempt:
+            # A worker killed as hung may have sent its result just before: the item it was
+            # given up on stays failed, and the resent rest of the chunk is what counts.
+            return
         if ok is None:
             raise RuntimeError(f"collating a batch failed in a decode worker:\n{tensors}")
         task.ok, task.tensors, task.failed = ok, tensors, task.failed + failed
@@ -162,11 +184,14 @@ class ProcessPool:
             task.failed.append((index, f"{reason}: {value}"))
             task.items = task.items[:position] + task.items[position + 1:]
         if task.items:
-            self.tasks.put((task.task_id, task.items))
+            task.attempt += 1
+            self.tasks.put((task.task_id, task.attempt, task.items))
         else:
             task.done = True
 
     def close(self) -> None:
+        self.closed = True
+        self.open.clear()
         for proc in self.procs:
             if proc.is_alive():
                 proc.kill()

@@ -12,10 +12,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from alignpipe.embed.decoders import close_pools
 from alignpipe.embed.engine import UnitRunner, UnitStats
 from alignpipe.encoders import Encoder, load_encoder
 from alignpipe.encoders.base import resolve_device, resolve_dtype
 from alignpipe.errors import StoreError
+from alignpipe.fsutil import os_errors
 from alignpipe.manifest import Manifest, read_manifest
 from alignpipe.store import LatentStore, create_store, open_store
 
@@ -62,6 +64,7 @@ def job_encoder(job: Job, device: str | None = None) -> Encoder:
     key = job.encoder_key(str(resolve_device(device)))
     with _CACHE_LOCK:
         if key not in _ENCODERS:
+            close_pools()  # their workers were forked with the last encoder's preprocessing
             _ENCODERS.clear()  # a process serves one encoder at a time; free the last one
             _ENCODERS[key] = load_encoder(job.encoder, weights=job.weights,
                                           image_size=job.image_size, pooling=job.pooling,
@@ -72,6 +75,7 @@ def job_encoder(job: Job, device: str | None = None) -> Encoder:
 def clear_encoder_cache() -> None:
     """Drop the cached encoder (kept so that consecutive embeds of one model load it once)."""
     with _CACHE_LOCK:
+        close_pools()
         _ENCODERS.clear()
 
 
@@ -99,16 +103,17 @@ def describe(job: Job, encoder: Encoder, identity: dict) -> dict:
     dtype = resolve_dtype(job.dtype, encoder.device)
     return {"name": job.encoder, **encoder.describe(), "modality": encoder.modality,
             "column": job.column, "compute_dtype": str(dtype).removeprefix("torch."),
-            "request": identity}
+            "request": {**identity, "batch_size": job.batch_size}}
 
 
 def ensure_store(job: Job, store: LatentStore | None, dim: int, modality: str,
                  provenance: dict, manifest: Manifest, latent_dtype: str,
                  unit_rows: int) -> LatentStore:
     if store is None:  # nothing there, a creation cut off by a kill, or --overwrite
-        return create_store(job.store, rows=manifest.rows, dim=dim, encoder=provenance,
-                            modality=modality, manifest=manifest, dtype=latent_dtype,
-                            unit_rows=unit_rows, overwrite=True)
+        with os_errors(job.store):  # a full disk or read-only cache: one line naming it
+            return create_store(job.store, rows=manifest.rows, dim=dim, encoder=provenance,
+                                modality=modality, manifest=manifest, dtype=latent_dtype,
+                                unit_rows=unit_rows, overwrite=True)
     if store.dim != dim:
         raise StoreError(f"{store.path}: store latents are {store.dim}-d but {job.encoder} "
                          f"gives {dim}-d; pass --overwrite to rebuild it")
@@ -120,11 +125,23 @@ def run_units(job: Job, units: list[int], device: str | None = None,
     """Run `units` of the job's store in this process (the unit of work of every executor)."""
     encoder = job_encoder(job, device)
     store = open_store(job.store, mode="r+")
+    dtype = resolve_dtype(job.dtype, encoder.device)
+    _check_compute_dtype(store, dtype, encoder)
     runner = UnitRunner(encoder, job_manifest(job), store, job.column,
-                        batch_size=job.batch_size, workers=job.workers,
-                        dtype=resolve_dtype(job.dtype, encoder.device),
+                        batch_size=job.batch_size, workers=job.workers, dtype=dtype,
                         decode_timeout=job.decode_timeout)
     return runner.run([u for u in units if not store.is_done(u)], progress)
+
+
+def _check_compute_dtype(store: LatentStore, dtype, encoder: Encoder) -> None:
+    """A store is computed in one dtype: resuming a bfloat16 run in float32 (another device,
+    another --dtype) would mix latents that differ by ~1e-2 in one store."""
+    started = store.encoder.get("compute_dtype")
+    now = str(dtype).removeprefix("torch.")
+    if started and started != now:
+        raise StoreError(f"{store.path} was computed in {started}; this run would compute in "
+                         f"{now} (on {encoder.device.type}); pass --dtype {started} to resume "
+                         f"it, or --overwrite to start again")
 
 
 def run_job(job: Job, request, store: LatentStore | None, *, unit_rows: int,
@@ -145,7 +162,12 @@ def run_job(job: Job, request, store: LatentStore | None, *, unit_rows: int,
     skipped = store.n_units - len(pending)
     with progress_bar(job, store, skipped, progress) as advance:
         began = time.perf_counter()
-        stats = run_units(job, pending, progress=advance)
+        try:
+            stats = run_units(job, pending, progress=advance)
+        finally:
+            # Here one call ran every unit; the pool is kept between calls only in dask
+            # workers, whose tasks come one unit at a time.
+            close_pools()
         seconds = time.perf_counter() - began
     return Outcome(store, stats, skipped, seconds)
 
