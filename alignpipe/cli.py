@@ -475,7 +475,9 @@ def bench_fit(
 def run(
     pipeline: Annotated[Path, typer.Argument(help="A pipeline YAML, e.g. pipelines/toy.yaml.")],
     set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a key of the file: fit.image-text.method=mlp (repeatable)."),
+        "--set", help="Override a key of the file, the value read as YAML: "
+                      "fit.image-text.method=mlp, 'fit.image-text.method=[fusemix, mlp]', "
+                      "fit.f.set.identity_side=null (repeatable; unknown keys are refused)."),
     ] = None,
     dry_run: Annotated[bool, typer.Option(
         help="Print the plan, marking what the cache already holds; run nothing.")] = False,

@@ -11,8 +11,10 @@ A pipeline file has these sections (see pipelines/toy.yaml for a full example)::
       toy: {manifest: data_manifests/toy/toy.parquet, make: {kind: toy, rows: 600}}
     embed:                         # id -> one store: a manifest through one encoder
       toy-image: {data: toy, encoder: test-vit}
-    fit:                           # id -> one run on two stores
+    fit:                           # id -> one run on two stores (or one per listed method)
       image-text: {method: fusemix, a: toy-image, b: toy-text, set: {epochs: 20}}
+      compare: {method: [fusemix, mlp], a: toy-image, b: toy-text,
+                config: "pipelines/fit/{method}.yaml", set: {epochs: 20, mlp: {dropout: 0.1}}}
     eval:                          # a list of scores
       - {kind: zeroshot, run: image-text, query: toy-image, prompts: prompts-text}
       - {kind: retrieval, run: image-text, a: toy-image, b: toy-text, split: test}
@@ -22,12 +24,25 @@ A pipeline file has these sections (see pipelines/toy.yaml for a full example)::
       - {eval: 0, metric: top1, value: 76.0, source: "freeze-align (CVPR 2025)"}
 
 Strings may use ``${VAR}`` or ``${VAR:-default}``. ``--set`` takes dotted keys into this tree
-(``fit.image-text.method=mlp``, ``eval.0.split=val``, ``data.imagenet.make.source=/data``).
-Each step is skipped when the cache already holds its result with the same spec.
+(``fit.image-text.method=mlp``, ``eval.0.split=val``, ``data.imagenet.make.source=/data``);
+its values are read as YAML, like the file's (``null``, ``5``, ``[fusemix, mlp]``), and a key
+the pipeline does not have or allow is refused, never silently ignored. Each step is skipped
+when the cache already holds its result with the same spec; a fit whose spec changed replaces
+its run.
+
+A fit step's run folder is ``<runs>/<name>/<fit id>/``. A step may list several methods
+(``method: [fusemix, mlp]``): each gets ``<runs>/<name>/<fit id>-<method>/``, every eval that
+names the step scores each of them, and the report puts them side by side. Its ``config`` is
+then a mapping of method to file, or one path with ``{method}`` in it; ``set:`` keys apply to
+every method, and ``set: {mlp: {...}}`` to one.
+
+Every YAML here is read with `alignpipe.yamlsafe.load_yaml` (aliases bounded); the pipeline
+name, fit ids and ``dataset`` names must be plain folder names.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -38,12 +53,20 @@ from pathlib import Path
 import yaml
 
 from alignpipe.errors import AlignpipeError
+from alignpipe.fsutil import atomic_write_text
+from alignpipe.names import plain_name_problem
+from alignpipe.yamlsafe import load_yaml
 
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 SECTIONS = ("name", "cache", "runs", "inputs", "data", "embed", "fit", "eval", "similarity",
             "reference", "device")
 EMBED_OPTIONS = ("column", "weights", "image_size", "pooling", "dtype", "latent_dtype",
                  "batch_size", "workers", "unit_rows", "device", "max_failure_rate", "dataset")
+FIT_OPTIONS = ("method", "a", "b", "config", "set")
+EVAL_OPTIONS = ("kind", "run", "a", "b", "query", "prompts", "split", "identity",
+                "class_embedding")
+SIMILARITY_OPTIONS = ("stores", "sample", "k", "seed")
+REFERENCE_OPTIONS = ("eval", "metric", "value", "source")
 
 
 class PipelineError(AlignpipeError):
@@ -67,11 +90,12 @@ class PipelineResult:
     evals: list[dict] = field(default_factory=list)
     similarity: dict | None = None
     report: Path | None = None
+    runs: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "folder": str(self.folder),
-                "steps": [s.__dict__ for s in self.steps], "evals": self.evals,
-                "similarity": self.similarity}
+                "steps": [s.__dict__ for s in self.steps], "runs": self.runs,
+                "evals": self.evals, "similarity": self.similarity}
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -103,6 +127,97 @@ def _unshared(value):
     return value
 
 
+def _close(word: str, options) -> str:
+    """``; did you mean x?`` when `word` is a likely typo of one of `options`."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+_ANY = "*"  # any key here; the value is checked where the step uses it (check_plan)
+_STEP_SCHEMA = {
+    "data": {"manifest": None, "make": {_ANY: None}},
+    "embed": {key: None for key in ("data", "encoder", *EMBED_OPTIONS)},
+    "fit": {"method": None, "a": None, "b": None, "config": {_ANY: None},
+            "set": {_ANY: {_ANY: None}}},
+}
+_LIST_SCHEMA = {
+    "eval": {key: None for key in EVAL_OPTIONS},
+    "reference": {key: None for key in REFERENCE_OPTIONS},
+}
+_TOP_SCHEMA = {"name": None, "cache": None, "runs": None, "device": None,
+               "inputs": {_ANY: None}, "similarity": {key: None for key in SIMILARITY_OPTIONS}}
+
+
+def _override_error(dotted: str, why: str) -> PipelineError:
+    return PipelineError(f"--set {dotted}: {why}")
+
+
+def _config_key_hint(step, sid: str, key: str) -> str:
+    """For ``fit.<id>.<key>``: point a fit config key (or a typo of one) at ``set:``."""
+    from alignpipe import methods
+    from alignpipe.fit.config import default_config
+
+    known: set[str] = set()
+    for method in fit_methods(step if isinstance(step, dict) else {}):
+        if methods.is_registered(method):
+            known |= set(default_config(method))
+    if key in known:
+        return f"; fit config keys go under set: fit.{sid}.set.{key}"
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean fit.{sid}.set.{close[0]}?" if close else ""
+
+
+def _check_override(plan: dict, dotted: str) -> None:
+    """Refuse an override that names no key the pipeline has or its schema allows."""
+    keys = dotted.split(".")
+    if any(k == "" for k in keys):
+        raise PipelineError(f"--set {dotted}: empty key")
+    section = keys[0]
+    if section.startswith("x-"):
+        raise PipelineError(f"--set {dotted}: `x-` keys only hold YAML anchors, already copied "
+                            f"where they are used; set the key there instead (e.g. "
+                            f"fit.<id>.set.<key>)")
+    if section in _STEP_SCHEMA:
+        if len(keys) == 1:
+            raise PipelineError(f"--set {dotted}: name a step and a key, e.g. "
+                                f"{section}.<id>.<key>")
+        steps = plan.get(section) or {}
+        if keys[1] not in steps:
+            raise _override_error(dotted, f"no {section} step {keys[1]!r}"
+                                  + _close(keys[1], steps)
+                                  + f" (steps: {', '.join(map(str, steps)) or 'none'})")
+        schema, node, start = _STEP_SCHEMA[section], steps[keys[1]], 2
+    elif section in _LIST_SCHEMA:
+        entries = plan.get(section) or []
+        if len(keys) == 1 or not keys[1].isdigit() or int(keys[1]) >= len(entries):
+            raise PipelineError(f"--set {dotted}: {keys[1] if len(keys) > 1 else ''!r} is not "
+                                f"an index of a list of {len(entries)} entries")
+        schema, node, start = _LIST_SCHEMA[section], entries[int(keys[1])], 2
+    elif section in _TOP_SCHEMA:
+        schema, node, start = _TOP_SCHEMA[section], plan.get(section), 1
+    else:
+        raise PipelineError(f"--set {dotted}: unknown section {section!r}"
+                            + _close(section, SECTIONS) + f"; sections: {', '.join(SECTIONS)}")
+    for i in range(start, len(keys)):
+        key = keys[i]
+        if schema is None:  # a value: only an existing list or mapping inside it may be entered
+            inside = ((isinstance(node, dict) and key in node)
+                      or (isinstance(node, list) and key.isdigit() and int(key) < len(node)))
+            if not inside:
+                raise _override_error(dotted, f"{'.'.join(keys[:i])} holds a value "
+                                      f"with no key {key!r}")
+            node = node[key] if isinstance(node, dict) else node[int(key)]
+            continue
+        if key not in schema and _ANY not in schema:
+            hint = _close(key, schema)
+            if section == "fit" and i == 2 and not hint:
+                hint = _config_key_hint(plan["fit"][keys[1]], keys[1], key)
+            raise _override_error(dotted, f"unknown key {key!r}{hint} (valid keys: "
+                                  f"{', '.join(schema)})")
+        schema = schema.get(key, schema.get(_ANY))
+        node = node.get(key) if isinstance(node, dict) else None
+
+
 def _set_dotted(tree: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     node = tree
@@ -118,20 +233,25 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
         if last:
             node[key] = value
         else:
-            if isinstance(node, dict) and key not in node:
+            if isinstance(node, dict) and (key not in node or node[key] is None):
                 node[key] = {}
             node = node[key]
 
 
-def load_pipeline(path: str | Path, overrides: dict[str, str] | None = None) -> dict:
+def override_value(raw, key: str = "value"):
+    """A ``--set`` value as YAML reads it (``null`` → None, ``5`` → 5, ``[a, b]`` → a list),
+    so that ``--set k=v`` and ``k: v`` in the file give the same value; non-strings pass."""
+    if not isinstance(raw, str):
+        return raw
+    return load_yaml(raw, f"--set {key}") if raw != "" else ""
+
+
+def load_pipeline(path: str | Path, overrides: dict | None = None) -> dict:
     """Read a pipeline file, apply ``--set`` overrides, fill ``${VAR}`` where it is set."""
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"{path}: pipeline file not found")
-    try:
-        plan = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise PipelineError(f"{path}: not valid YAML: {err}") from None
+    plan = load_yaml(path)
     if not isinstance(plan, dict):
         raise PipelineError(f"{path}: a pipeline file is a mapping with sections "
                             f"{', '.join(SECTIONS)}")
@@ -139,10 +259,11 @@ def load_pipeline(path: str | Path, overrides: dict[str, str] | None = None) -> 
     plan = _unshared({k: v for k, v in plan.items() if not str(k).startswith("x-")})
     unknown = sorted(set(plan) - set(SECTIONS))
     if unknown:
-        raise PipelineError(f"{path}: unknown section(s) {', '.join(unknown)}; allowed: "
-                            f"{', '.join(SECTIONS)}")
+        raise PipelineError(f"{path}: unknown section(s) {', '.join(map(str, unknown))}; "
+                            f"allowed: {', '.join(SECTIONS)}")
     for key, raw in (overrides or {}).items():
-        _set_dotted(plan, key, yaml.safe_load(raw) if raw != "" else "")
+        _check_override(plan, key)
+        _set_dotted(plan, key, override_value(raw, key))
     plan = _interpolate(plan)
     plan.setdefault("name", path.stem)
     plan.setdefault("cache", "cache")
@@ -151,10 +272,109 @@ def load_pipeline(path: str | Path, overrides: dict[str, str] | None = None) -> 
         plan[section] = plan.get(section) or {}
         if not isinstance(plan[section], dict):
             raise PipelineError(f"{path}: section {section!r} must map ids to steps")
-    plan["eval"] = plan.get("eval") or []
-    plan["reference"] = plan.get("reference") or []
+    for section in ("eval", "reference"):
+        plan[section] = plan.get(section) or []
+        if not isinstance(plan[section], list):
+            raise PipelineError(f"{path}: section {section!r} must be a list")
     plan["_file"] = str(path)
     return plan
+
+
+# ---- fit steps: one run per method ---------------------------------------------------------------
+@dataclass(frozen=True)
+class FitRun:
+    """One run of a fit step: the step's only method, or one of the methods it lists."""
+
+    step: str             # the fit id that evals name in `run:`
+    method: str
+    folder: str           # under <runs>/<name>/: the fit id, or <fit id>-<method> for a list
+    config: str | None    # the fit config file for this method
+    overrides: dict       # the step's `set:` for this method, values as YAML typed them
+
+
+def fit_methods(step: dict) -> list[str]:
+    """``method: fusemix`` or ``method: [fusemix, mlp]``, as a list."""
+    method = step.get("method")
+    return [str(m) for m in method] if isinstance(method, list) else [str(method)]
+
+
+def _config_for(step: dict, method: str) -> str | None:
+    config = step.get("config")
+    if isinstance(config, dict):
+        config = config.get(method)
+    return None if config is None else str(config).replace("{method}", method)
+
+
+def _fit_overrides(step: dict, method: str) -> dict:
+    """The step's `set:` for one method: the common keys plus its own ``set: {mlp: {...}}``."""
+    values = step.get("set") or {}
+    own = {str(k) for k, v in values.items() if str(k) in fit_methods(step) and isinstance(v, dict)}
+    shared = {str(k): v for k, v in values.items() if str(k) not in own}
+    mine = values.get(method) if method in own else {}
+    return {**shared, **{str(k): v for k, v in mine.items()}}
+
+
+def fit_runs(plan: dict, sid: str) -> list[FitRun]:
+    step = plan["fit"][sid]
+    several = isinstance(step.get("method"), list)
+    return [FitRun(str(sid), method, f"{sid}-{method}" if several else str(sid),
+                   _config_for(step, method), _fit_overrides(step, method))
+            for method in fit_methods(step)]
+
+
+def _fit_step_problems(sid: str, step: dict, plan: dict) -> list[str]:
+    """Options, methods, config files and `set:` keys of one fit step, checked without data."""
+    from alignpipe import methods
+    from alignpipe.fit.config import default_config, resolve_config
+
+    where = f"fit.{sid}"
+    problems = [p for p in [plain_name_problem(sid, f"{where}: the fit id")] if p]
+    references = []
+    extra = sorted(set(map(str, step)) - set(FIT_OPTIONS))
+    if extra:
+        problems.append(f"{where}: unknown option(s) {', '.join(extra)}"
+                        + _close(extra[0], FIT_OPTIONS)
+                        + f"; valid: {', '.join(FIT_OPTIONS)} (config keys go under set:)")
+    for side in ("a", "b"):
+        if step.get(side) not in plan["embed"]:
+            references.append(f"{where}: {side} {step.get(side)!r} is not an embed step")
+    method = step.get("method")
+    names = fit_methods(step)
+    if isinstance(method, list) and (not method or len(set(names)) != len(names)):
+        problems.append(f"{where}: method lists no method or one twice: {method!r}")
+    unknown = [m for m in names if not methods.is_registered(m)]
+    for name in unknown:
+        problems.append(f"{where}: unknown method {name!r} (see `alignpipe fit --list-methods`)")
+    config, values = step.get("config"), step.get("set")
+    if config is not None and not isinstance(config, (str, dict)):
+        problems.append(f"{where}: config is a file, or a mapping of method to file")
+    elif isinstance(config, dict) and set(map(str, config)) - set(names):
+        problems.append(f"{where}: config names method(s) "
+                        f"{', '.join(sorted(set(map(str, config)) - set(names)))} the step "
+                        f"does not list")
+    if values is not None and not isinstance(values, dict):
+        problems.append(f"{where}: set must be a mapping of fit config keys, got {values!r}")
+    if problems or unknown:
+        return problems + references
+    problems += references
+    for run in fit_runs(plan, sid):
+        label = f"{where}" + (f" ({run.method})" if len(names) > 1 else "")
+        known = default_config(run.method)
+        wrong = [k for k in run.overrides if k not in known]
+        for key in wrong:
+            problems.append(f"{label}: set: unknown key {key!r} for method {run.method}"
+                            + _close(key, known) + f" (known keys: {', '.join(sorted(known))})")
+        if wrong or (run.config and (_unset(run.config) or not Path(run.config).exists())):
+            if run.config and not _unset(run.config) and not Path(run.config).exists():
+                problems.append(f"{label}: config file {run.config} not found")
+            continue
+        try:
+            resolve_config(run.method, run.config, run.overrides)
+        except AlignpipeError as err:
+            hint = (" (give config as {method: file}, or a path with {method} in it)"
+                    if len(names) > 1 and isinstance(config, str) else "")
+            problems.append(f"{label}: {err}{hint}")
+    return problems
 
 
 # ---- checking -----------------------------------------------------------------------------------
@@ -163,9 +383,11 @@ def check_plan(plan: dict) -> list[str]:
 
     Needs no data, so it also checks pipelines whose datasets are not on this machine.
     """
-    from alignpipe import encoders, methods
+    from alignpipe import encoders
 
-    problems = []
+    name = plan.get("name")
+    problems = [p for p in [plain_name_problem(
+        str(name) if isinstance(name, (int, float)) else name, "name")] if p]
     for sid, step in plan["data"].items():
         if not isinstance(step, dict) or "manifest" not in step:
             problems.append(f"data.{sid}: needs a 'manifest' path")
@@ -182,35 +404,61 @@ def check_plan(plan: dict) -> list[str]:
                             f"`alignpipe embed --list-encoders`)")
         extra = sorted(set(step) - {"data", "encoder", *EMBED_OPTIONS})
         if extra:
-            problems.append(f"embed.{sid}: unknown option(s) {', '.join(extra)}")
+            problems.append(f"embed.{sid}: unknown option(s) {', '.join(extra)}"
+                            + _close(extra[0], EMBED_OPTIONS))
+        if "dataset" in step:
+            problems += [p for p in [plain_name_problem(step["dataset"],
+                                                        f"embed.{sid}: dataset")] if p]
+    folders: dict[str, str] = {}
     for sid, step in plan["fit"].items():
         if not isinstance(step, dict):
             problems.append(f"fit.{sid}: must be a mapping")
             continue
-        if not methods.is_registered(str(step.get("method"))):
-            problems.append(f"fit.{sid}: unknown method {step.get('method')!r} (see "
-                            f"`alignpipe fit --list-methods`)")
-        for side in ("a", "b"):
-            if step.get(side) not in plan["embed"]:
-                problems.append(f"fit.{sid}: {side} {step.get(side)!r} is not an embed step")
-        if step.get("config") and not Path(step["config"]).exists():
-            problems.append(f"fit.{sid}: config file {step['config']} not found")
+        step_problems = _fit_step_problems(str(sid), step, plan)
+        problems += step_problems
+        if step_problems:
+            continue
+        for run in fit_runs(plan, sid):
+            if run.folder in folders:
+                problems.append(f"fit.{sid}: its run folder {run.folder} is also the folder of "
+                                f"fit.{folders[run.folder]}; rename one of the steps")
+            folders[run.folder] = sid
     for i, step in enumerate(plan["eval"]):
         kind = step.get("kind") if isinstance(step, dict) else None
         if kind not in ("retrieval", "zeroshot"):
             problems.append(f"eval.{i}: kind must be retrieval or zeroshot, got {kind!r}")
             continue
+        extra = sorted(set(map(str, step)) - set(EVAL_OPTIONS))
+        if extra:
+            problems.append(f"eval.{i}: unknown option(s) {', '.join(extra)}"
+                            + _close(extra[0], EVAL_OPTIONS)
+                            + f"; valid: {', '.join(EVAL_OPTIONS)}")
         if step.get("run") is not None and step["run"] not in plan["fit"]:
-            problems.append(f"eval.{i}: run {step['run']!r} is not a fit step")
+            problems.append(f"eval.{i}: run {step['run']!r} is not a fit step"
+                            + _close(step["run"], plan["fit"]))
         if step.get("run") is None and not step.get("identity"):
             problems.append(f"eval.{i}: needs a run, or identity: true")
         sides = ("a", "b") if kind == "retrieval" else ("query", "prompts")
         for side in sides:
             if step.get(side) not in plan["embed"]:
                 problems.append(f"eval.{i}: {side} {step.get(side)!r} is not an embed step")
-    for sid in (plan.get("similarity") or {}).get("stores", []):
+    similarity = plan.get("similarity") or {}
+    if not isinstance(similarity, dict):
+        problems.append("similarity: must be a mapping with stores (and sample, k, seed)")
+        similarity = {}
+    extra = sorted(set(map(str, similarity)) - set(SIMILARITY_OPTIONS))
+    if extra:
+        problems.append(f"similarity: unknown option(s) {', '.join(extra)}; valid: "
+                        f"{', '.join(SIMILARITY_OPTIONS)}")
+    for sid in similarity.get("stores", []):
         if sid not in plan["embed"]:
             problems.append(f"similarity: {sid!r} is not an embed step")
+    for i, ref in enumerate(plan["reference"]):
+        extra = sorted(set(map(str, ref)) - set(REFERENCE_OPTIONS)) if isinstance(ref, dict) \
+            else ["(not a mapping)"]
+        if extra:
+            problems.append(f"reference.{i}: unknown option(s) {', '.join(extra)}; valid: "
+                            f"{', '.join(REFERENCE_OPTIONS)}")
     return problems
 
 
@@ -277,10 +525,6 @@ def _embed_kwargs(plan: dict, step: dict) -> dict:
     if plan.get("device") and "device" not in kwargs:
         kwargs["device"] = plan["device"]
     return kwargs
-
-
-def _fit_overrides(step: dict) -> dict[str, str]:
-    return {str(k): str(v) for k, v in (step.get("set") or {}).items()}
 
 
 class Runner:
@@ -358,58 +602,85 @@ class Runner:
 
     def fit(self) -> None:
         from alignpipe.fit import fit, run_state
+        from alignpipe.fit.runfolder import read_identity
 
         for sid, step in self.plan["fit"].items():
-            out = self.folder / sid
             a, b = _store_of(self.plan, step["a"]), _store_of(self.plan, step["b"])
-            args = {"method": step["method"], "config": step.get("config"),
-                    "overrides": _fit_overrides(step)}
-            # missing | complete | incomplete (killed: resume it) | different (spec changed)
-            state = (run_state(out, a, b, **args) if a.exists() and b.exists() and out.exists()
-                     else "missing")
-            if state == "complete":
-                self.record("fit", sid, "cached", detail=str(out))
-                continue
-            plan = {"missing": "", "incomplete": "resume a killed run",
-                    "different": "replace a run made with another spec"}[state]
-            if self.dry_run:
-                self.record("fit", sid, "would run",
-                            detail=f"{step['method']} → {out}" + (f" ({plan})" if plan else ""))
-                continue
-            # The pipeline owns runs/<name>/<fit id>: a changed spec replaces what is there.
-            summary, seconds = self.guarded(
-                "fit", sid, fit, a, b, out=out, device=self.plan.get("device"),
-                progress=self.progress, resume=state == "incomplete",
-                overwrite=state == "different", **args)
-            self.record("fit", sid, "ran", seconds,
-                        f"best epoch {summary.best_epoch}" + (f"; {plan}" if plan else ""))
+            for run in fit_runs(self.plan, sid):
+                out = self.folder / run.folder
+                args = {"method": run.method, "config": run.config, "overrides": run.overrides}
+                # missing | complete | incomplete (killed: resume it) | different (spec changed)
+                state = (run_state(out, a, b, **args)
+                         if a.exists() and b.exists() and out.exists() else "missing")
+                if state == "complete":
+                    self.record("fit", run.folder, "cached", detail=f"{run.method} → {out}")
+                    continue
+                plan = {"missing": "", "incomplete": "resume a killed run",
+                        "different": "replace a run made with another spec"}[state]
+                old_method = (read_identity(out) or {}).get("method") if state == "different" \
+                    else None
+                if old_method and old_method != run.method:
+                    plan = (f"replace the {old_method} run in {out} (list both as method: "
+                            f"[{old_method}, {run.method}] to keep them side by side)")
+                if self.dry_run:
+                    self.record("fit", run.folder, "would run",
+                                detail=f"{run.method} → {out}" + (f" ({plan})" if plan else ""))
+                    continue
+                # The pipeline owns runs/<name>/<folder>: a changed spec replaces what is there.
+                summary, seconds = self.guarded(
+                    "fit", run.folder, fit, a, b, out=out, device=self.plan.get("device"),
+                    progress=self.progress, resume=state == "incomplete",
+                    overwrite=state == "different", **args)
+                self.record("fit", run.folder, "ran", seconds,
+                            f"{run.method}, best epoch {summary.best_epoch}"
+                            + (f"; {plan}" if plan else ""))
+
+    def _encoders(self, *embed_ids: str) -> list[str]:
+        return [str(self.plan["embed"][sid]["encoder"]) for sid in embed_ids]
 
     def evaluate(self) -> None:
         from alignpipe.evaluate import eval_retrieval, eval_zeroshot
 
         for i, step in enumerate(self.plan["eval"]):
             kind = step["kind"]
-            run = self.folder / step["run"] if step.get("run") else None
-            name = f"{i}:{kind}:{step.get('run') or 'identity'}"
-            if self.dry_run:
-                self.record("eval", name, "would run")
-                continue
-            output = self.folder / "evals" / f"{i:02d}-{kind}-{step.get('run') or 'identity'}.json"
-            common = {"split": step.get("split", "test"), "identity": bool(step.get("identity")),
-                      "output": output}
-            if kind == "retrieval":
-                metrics, seconds = self.guarded(
-                    "eval", name, eval_retrieval, run, _store_of(self.plan, step["a"]),
-                    _store_of(self.plan, step["b"]), **common)
-            else:
-                metrics, seconds = self.guarded(
-                    "eval", name, eval_zeroshot, run, _store_of(self.plan, step["query"]),
-                    _store_of(self.plan, step["prompts"]),
-                    class_embedding=step.get("class_embedding", "mean"), **common)
-            self.result.evals.append({"index": i, "kind": kind, "run": step.get("run"),
-                                      "split": step.get("split", "test"), "metrics": metrics,
-                                      "output": str(output)})
-            self.record("eval", name, "ran", seconds)
+            runs = fit_runs(self.plan, step["run"]) if step.get("run") else [None]
+            sides = ("a", "b") if kind == "retrieval" else ("query", "prompts")
+            for run in runs:
+                label = run.folder if run else "identity"
+                name = f"{i}:{kind}:{label}"
+                if self.dry_run:
+                    self.record("eval", name, "would run")
+                    continue
+                folder = self.folder / run.folder if run else None
+                output = self.folder / "evals" / f"{i:02d}-{kind}-{label}.json"
+                split = step.get("split", "test")
+                common = {"split": split, "identity": bool(step.get("identity")),
+                          "output": output}
+                stores = [_store_of(self.plan, step[side]) for side in sides]
+                if kind == "retrieval":
+                    metrics, seconds = self.guarded("eval", name, eval_retrieval, folder,
+                                                    *stores, **common)
+                else:
+                    metrics, seconds = self.guarded(
+                        "eval", name, eval_zeroshot, folder, *stores,
+                        class_embedding=step.get("class_embedding", "mean"), **common)
+                self.result.evals.append({
+                    "index": i, "kind": kind, "run": run.folder if run else None,
+                    "step": step.get("run"), "method": run.method if run else "identity",
+                    "encoders": self._encoders(*(step[side] for side in sides)),
+                    "split": split, "metrics": metrics, "output": str(output)})
+                self.record("eval", name, "ran", seconds, f"→ {output}")
+
+    def runs(self) -> list[dict]:
+        """Every fit run of the plan: folder, method, and the stores and encoders it joined."""
+        rows = []
+        for sid, step in self.plan["fit"].items():
+            for run in fit_runs(self.plan, sid):
+                rows.append({"run": run.folder, "step": sid, "method": run.method,
+                             "a": step["a"], "b": step["b"],
+                             "encoders": self._encoders(step["a"], step["b"]),
+                             "folder": str(self.folder / run.folder)})
+        return rows
 
     def similarity(self) -> None:
         spec = self.plan.get("similarity")
@@ -457,11 +728,11 @@ def run_pipeline(path: str | Path, overrides: dict[str, str] | None = None,
         from alignpipe.pipeline_report import write_report
 
         runner.folder.mkdir(parents=True, exist_ok=True)
-        (runner.folder / "pipeline.resolved.yaml").write_text(
-            yaml.safe_dump({k: v for k, v in plan.items() if not k.startswith("_")},
-                           sort_keys=False))
-        (runner.folder / "results.json").write_text(
-            json.dumps(runner.result.to_dict(), indent=2, default=str))
+        runner.result.runs = runner.runs()
+        atomic_write_text(runner.folder / "pipeline.resolved.yaml", yaml.safe_dump(
+            {k: v for k, v in plan.items() if not k.startswith("_")}, sort_keys=False))
+        atomic_write_text(runner.folder / "results.json",
+                          json.dumps(runner.result.to_dict(), indent=2, default=str))
         runner.result.report = write_report(plan, runner.result,
                                             time.perf_counter() - started)
     return runner.result

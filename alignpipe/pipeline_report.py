@@ -6,6 +6,7 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from alignpipe.fsutil import atomic_write_text
 from alignpipe.report import markdown_table
 
 
@@ -29,8 +30,16 @@ def headline_metrics(metrics: dict) -> dict[str, float]:
             if k in ("top1", "top5") or "R@" in k}
 
 
+def _encoders(names) -> str:
+    return " ↔ ".join(str(n) for n in names or []) or "?"
+
+
 def headline_rows(plan: dict, evals: list[dict]) -> list[list]:
-    """One row per (eval, metric): ours, and the paper's number where the plan gives one."""
+    """One row per (eval, run, metric): ours, and the paper's number where the plan gives one.
+
+    An eval of a fit step that lists several methods has a row per method, so the methods
+    sit side by side under the same eval index and reference.
+    """
     references = defaultdict(list)
     for ref in plan.get("reference", []):
         references[(int(ref.get("eval", -1)), str(ref.get("metric")))].append(ref)
@@ -39,9 +48,16 @@ def headline_rows(plan: dict, evals: list[dict]) -> list[list]:
         for metric, value in headline_metrics(ev["metrics"]).items():
             refs = references.get((ev["index"], metric), [])
             paper = "; ".join(f"{r['value']} ({r.get('source', '?')})" for r in refs) or "–"
-            rows.append([ev["index"], ev["kind"], ev["run"] or "identity", ev["split"], metric,
-                         value, paper])
+            rows.append([ev["index"], ev["kind"], ev["run"] or "identity",
+                         ev.get("method", "?"), _encoders(ev.get("encoders")), ev["split"],
+                         metric, value, paper])
     return rows
+
+
+def run_rows(runs: list[dict]) -> list[list]:
+    """One row per fit run: its folder, method, and the stores and encoders it aligned."""
+    return [[r["run"], r["method"], f"{r['a']} ({r['encoders'][0]})",
+             f"{r['b']} ({r['encoders'][1]})", r["folder"]] for r in runs]
 
 
 def write_report(plan: dict, result, wall_s: float) -> Path:
@@ -62,10 +78,16 @@ def write_report(plan: dict, result, wall_s: float) -> Path:
         ["stage", "step", "status", "seconds", "detail"],
         [[s.stage, s.name, s.status, s.seconds, s.detail] for s in result.steps]), ""]
 
+    runs = getattr(result, "runs", None) or []
+    if runs:
+        lines += ["## Runs", "", markdown_table(
+            ["run", "method", "a (encoder)", "b (encoder)", "folder"], run_rows(runs)), ""]
     rows = headline_rows(plan, result.evals)
     if rows:
-        lines += ["## Results", "", "Recall and accuracy in percent.", "", markdown_table(
-            ["eval", "kind", "run", "split", "metric", "ours", "paper"], rows), ""]
+        lines += ["## Results", "", "Recall and accuracy in percent; encoders are those of the "
+                  "stores the eval scored.", "", markdown_table(
+                      ["eval", "kind", "run", "method", "encoders", "split", "metric", "ours",
+                       "paper"], rows), ""]
     if result.similarity:
         sim = result.similarity
         names = [Path(s).name for s in sim.get("stores", [])]
@@ -80,5 +102,5 @@ def write_report(plan: dict, result, wall_s: float) -> Path:
         lines += [f"![{p.relative_to(folder)}]({p.relative_to(folder)})" for p in plots]
         lines.append("")
     path = folder / "report.md"
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path
