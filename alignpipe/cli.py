@@ -308,7 +308,9 @@ def fit(
     store_a: Annotated[Path | None, typer.Argument(help="Store of one modality.")] = None,
     store_b: Annotated[Path | None, typer.Argument(
         help="Store of another modality, embedded from the same manifest.")] = None,
-    method: Annotated[str, typer.Option(help="Method name (see --list-methods).")] = "fusemix",
+    method: Annotated[str | None, typer.Option(
+        help="Method name (see --list-methods; default fusemix, or the run's on --resume).")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder, e.g. runs/NAME.")] = None,
     config: Annotated[Path | None, typer.Option(
         help="YAML config, e.g. pipelines/fit/fusemix.yaml.")] = None,
@@ -321,8 +323,11 @@ def fit(
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: best).")] = None,
     resume: Annotated[bool, typer.Option(
-        help="Continue a killed run from its last checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
+        help="Continue a killed run from its last checkpoint, with its saved stores and "
+             "config (flags given must match them).")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace a run already in --out (its eval results there are removed too).")
+    ] = False,
     list_methods: Annotated[bool, typer.Option(
         "--list-methods", help="List the registered methods and exit.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar and log lines.")] = True,
@@ -336,8 +341,9 @@ def fit(
 
         console.print(methods_table())
         return
-    if store_a is None or store_b is None or out is None:
-        raise AlignpipeError("fit needs two stores and --out RUN_FOLDER (or --list-methods)")
+    if out is None or ((store_a is None or store_b is None) and not resume):
+        raise AlignpipeError("fit needs two stores and --out RUN_FOLDER (or --list-methods; "
+                             "`--out RUN --resume` alone continues a run)")
     from alignpipe.fit import fit as fit_stores
     from alignpipe.report import fit_summary_table
 
@@ -348,6 +354,8 @@ def fit(
                          overrides=overrides, resume=resume, device=device, progress=progress,
                          overwrite=overwrite, manifest=manifest, allow_partial=allow_partial)
     console.print(fit_summary_table(summary.to_dict()))
+    for line in summary.warnings:
+        err_console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
