@@ -377,6 +377,21 @@ def _fit_step_problems(sid: str, step: dict, plan: dict) -> list[str]:
     return problems
 
 
+def _toy_make_problems(make) -> list[str]:
+    """Options of a ``make: {kind: toy}`` block make_toy does not take (other kinds are checked
+    against their builder's signature by planning.make_manifest before anything is built)."""
+    if not isinstance(make, dict) or make.get("kind") != "toy":
+        return []
+    import inspect
+
+    from alignpipe.toy import make_toy
+
+    accepted = set(inspect.signature(make_toy).parameters) - {"progress"}
+    unknown = sorted(set(map(str, make)) - accepted - {"kind"})
+    return [f"make toy: unknown option(s) {', '.join(unknown)}" + _close(unknown[0], accepted)
+            + f"; it takes {', '.join(sorted(accepted))}"] if unknown else []
+
+
 # ---- checking -----------------------------------------------------------------------------------
 def check_plan(plan: dict) -> list[str]:
     """Structural problems: unknown references, unregistered encoders and methods.
@@ -391,6 +406,8 @@ def check_plan(plan: dict) -> list[str]:
     for sid, step in plan["data"].items():
         if not isinstance(step, dict) or "manifest" not in step:
             problems.append(f"data.{sid}: needs a 'manifest' path")
+            continue
+        problems += [f"data.{sid}: {p}" for p in _toy_make_problems(step.get("make"))]
     for sid, step in plan["embed"].items():
         if not isinstance(step, dict):
             problems.append(f"embed.{sid}: must be a mapping")

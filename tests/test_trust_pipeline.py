@@ -100,6 +100,12 @@ def test_config_keys_under_set_are_checked_for_the_steps_method():
                                           "fit.image-text.set": "{identity_side: a}"})) == []
 
 
+def test_an_unknown_make_toy_option_is_refused_before_anything_runs():
+    problems = check_plan(load_pipeline(TOY, {"data.toy.make.rowz": "5"}))
+    assert problems == ["data.toy: make toy: unknown option(s) rowz; did you mean rows?; it "
+                        "takes captions_per_item, out, rows, seed"]
+
+
 def test_a_set_that_is_not_a_mapping_is_a_message_not_a_traceback(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     problems = check_plan(load_pipeline(TOY, {"fit.image-text.set": "5"}))
