@@ -26,6 +26,7 @@ from alignpipe.encoders.base import (
     weight_error,
 )
 from alignpipe.encoders.hf import load_hf_model, processor_source
+from alignpipe.encoders.hub import hub_problem
 from alignpipe.encoders.pixels import ImagePrep, from_processor, from_timm
 from alignpipe.encoders.registry import EncoderError, EncoderSpec
 from alignpipe.encoders.weights import WeightsSource, weight_files
@@ -95,9 +96,34 @@ def _timm_key_report() -> Iterator[_KeyReport]:
         logger.propagate = propagate
 
 
+def _timm_hub_cached(model_id: str) -> bool | None:
+    """Whether timm's hub weights for `model_id` are in the local cache; None: not a hub model."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(model_id)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        return None
+    names = ([cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else
+             ["model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
+              "open_clip_pytorch_model.bin"])
+    return any(isinstance(try_to_load_from_cache(repo, name), str) for name in names)
+
+
+def _check_timm_hub(spec: EncoderSpec, source: WeightsSource) -> None:
+    """Without a hub and a cached copy, say so before building the model (a ViT-g takes a
+    minute and 4 GB to build, only to find nothing to load into it)."""
+    if hub_problem() is None or _timm_hub_cached(spec.model_id) is not False:
+        return
+    raise weight_error(spec, source, OSError("the weights are not in the local hub cache"))
+
+
 def _create_timm(spec: EncoderSpec, source: WeightsSource, image_size: int | None):
     import timm
 
+    if source.kind == "hub":
+        _check_timm_hub(spec, source)
     kwargs = dict(spec.model_kwargs)
     if image_size:
         kwargs["img_size"] = image_size  # ViTs resample their position embedding to this size
