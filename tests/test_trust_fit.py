@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -87,10 +88,26 @@ def test_item1_nonfinite_loss_stops_naming_the_epoch_and_keeps_the_checkpoint(da
                .values())
     assert not (out / "run.json").exists()
     assert "diverged" in (out / "log.txt").read_text()
-    # The kept checkpoint continues: a resume finishes the run.
-    summary = fit(data.store_a, data.store_b, method="linear", out=out, progress=False,
-                  overrides=LINEAR, resume=True)
-    assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3] and summary.best_epoch >= 1
+    # The kept checkpoint continues, with a lower lr if wanted; other changes stay refused.
+    refused = runner.invoke(app, ["fit", "--out", str(out), "--resume", "--no-progress",
+                                  "--lr", "0.0005", "--set", "out_dim=4"])
+    assert refused.exit_code == 2 and "out_dim: 8 → 4" in refused.output
+    result = runner.invoke(app, ["fit", "--out", str(out), "--resume", "--no-progress",
+                                 "--lr", "0.0005"])
+    assert result.exit_code == 0, result.output
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["config"]["lr"] == 0.0005
+    assert saved["retuned"] == [{"after_epoch": 1, "changes": {"lr": [0.001, 0.0005]}}]
+    assert not (out / "diverged.json").exists() and (out / "run.json").exists()
+
+
+def test_item1_only_a_diverged_run_may_change_its_lr_on_resume(data, tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    _killed_run(data, out, monkeypatch)
+    with pytest.raises(AlignpipeError, match=r"holds a different run \(config.lr"):
+        fit(data.store_a, data.store_b, method="linear", out=out, progress=False,
+            overrides={**LINEAR, "lr": 0.0005}, resume=True)
 
 
 def test_item1_nonfinite_validation_is_flagged_and_never_best(data, tmp_path, monkeypatch):
@@ -190,7 +207,7 @@ def test_item8_training_loss_under_autocast_uses_fp32_logits():
     assert za.dtype == torch.bfloat16  # the heads did run in bf16
     exact = symmetric_infonce(za.float(), zb.float(), method.model["loss"]())
     assert loss.dtype == torch.float32
-    assert abs(float(loss) - float(exact)) < 1e-3
+    assert abs(loss.item() - exact.item()) < 1e-3
 
 
 # ---- item 9: --overwrite leaves no stale results -------------------------------------------------

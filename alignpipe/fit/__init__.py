@@ -40,6 +40,7 @@ from alignpipe.fit.runfolder import (
     ANCHORS,
     CHECKPOINT,
     CONFIG,
+    DIVERGED,
     LOG,
     METRICS,
     SUMMARY,
@@ -151,6 +152,11 @@ def _run(a, b, manifest, method: str, cfg: dict, out: Path, state: str, device,
         f"(dim {b.dim}) on {dev}")
     for note in partial_notes([a, b]):
         log(note)
+    if state == "resume" and (out / DIVERGED).exists():
+        retuned = (yaml.safe_load((out / CONFIG).read_text()) or {}).get("retuned") or [{}]
+        changes = retuned[-1].get("changes", {})
+        log("resuming a run whose loss diverged" + (": " + ", ".join(
+            f"{k} {v[0]} → {v[1]}" for k, v in changes.items()) if changes else ""))
     torch.manual_seed(cfg["seed"])
     train, val, dropped = _load_splits(a, b, manifest, cfg, dev, log)
     model = create_method(method, cfg, a.dim, b.dim).to(dev)
@@ -190,6 +196,7 @@ def _run(a, b, manifest, method: str, cfg: dict, out: Path, state: str, device,
     _atomic_write(out / SUMMARY, json.dumps({**summary.to_dict(), "complete": True,
                                              "finished": datetime.now(timezone.utc).isoformat(
                                                  timespec="seconds")}, indent=2))
+    (out / DIVERGED).unlink(missing_ok=True)  # a retuned resume got past the divergence
     log(f"done in {summary.wall_s:.1f} s: best epoch {best_epoch}, "
         f"val mean recall {best['val'].get('mean_recall', float('nan')):.2f}")
     return summary

@@ -15,9 +15,11 @@ from alignpipe.errors import AlignpipeError
 from alignpipe.fit.runfolder import (
     CHECKPOINT,
     CURVES,
+    DIVERGED,
     HEADS_BEST,
     HEADS_LAST,
     METRICS,
+    RETUNABLE,
     RunLog,
     _atomic_write,
     load_into,
@@ -312,12 +314,17 @@ class Trainer:
         bad = (~torch.isfinite(self.step_losses)).nonzero()
         step = int(bad[0]) + 1 if bad.numel() else 0
         kept = self.history[-1]["epoch"] if self.history else 0
-        keep = (f"the checkpoint of epoch {kept} is kept: `--resume` retries from it" if kept
-                else "no epoch had finished, so nothing is kept")
+        if kept:
+            keep = (f"the checkpoint of epoch {kept} is kept: `--resume` continues from it and "
+                    f"may change {', '.join(RETUNABLE)} (e.g. --resume --lr "
+                    f"{self.cfg['lr'] / 2:g} --set grad_clip=1)")
+            _atomic_write(self.out / DIVERGED, json.dumps(
+                {"epoch": epoch, "step": step, "loss": str(loss), "checkpoint_epoch": kept}))
+        else:
+            keep = ("no epoch had finished, so nothing is kept; start again with a lower lr, "
+                    "--set grad_clip=1 or --set precision=fp32")
         message = (f"training loss became {loss} at epoch {epoch} (step {step} of "
-                   f"{self.steps_per_epoch}): the run diverged and was stopped; {keep}. Try a "
-                   f"lower lr, --set grad_clip=1 or --set precision=fp32 (a new config: "
-                   f"another --out, or --overwrite)")
+                   f"{self.steps_per_epoch}): the run diverged and was stopped; {keep}")
         self.log(message)
         raise DivergedError(message)
 

@@ -27,7 +27,11 @@ from alignpipe.methods import create_method
 CONFIG, LOG, METRICS, SUMMARY = "config.yaml", "log.txt", "metrics.jsonl", "run.json"
 HEADS_BEST, HEADS_LAST = "heads-best.safetensors", "heads-last.safetensors"
 CHECKPOINT, ANCHORS, CURVES = "checkpoint.safetensors", "anchors.safetensors", "curves.png"
-RUN_FILES = (CONFIG, LOG, METRICS, SUMMARY, HEADS_BEST, HEADS_LAST, CHECKPOINT, ANCHORS, CURVES)
+DIVERGED = "diverged.json"  # written when the loss went non-finite; a resume may then retune
+RUN_FILES = (CONFIG, LOG, METRICS, SUMMARY, HEADS_BEST, HEADS_LAST, CHECKPOINT, ANCHORS, CURVES,
+             DIVERGED)
+# Keys a resume of a diverged run may change: they steer the optimiser, not what a step is.
+RETUNABLE = ("lr", "min_lr", "warmup_start_lr", "grad_clip", "weight_decay", "precision")
 # What `alignpipe eval` writes into a run folder by default (JSON, and .md/.png beside it).
 EVAL_PREFIX = "eval-"
 
@@ -198,6 +202,8 @@ def _prepare_folder(out: Path, identity: dict, resume: bool, overwrite: bool) ->
             raise AlignpipeError(f"{out}: folder exists and is not a run; choose another --out")
         return "new"
     finished = (out / SUMMARY).exists()
+    if old != identity and resume and not finished and _retune(out, old, identity):
+        return "resume"
     if old != identity:
         changes = "; ".join(_differences(old, identity)[:8])
         raise AlignpipeError(f"{out}: holds a different run ({changes}); choose another --out "
@@ -208,6 +214,29 @@ def _prepare_folder(out: Path, identity: dict, resume: bool, overwrite: bool) ->
         raise AlignpipeError(f"{out}: holds an unfinished run of this config; pass --resume to "
                              f"continue it or --overwrite to start again")
     return "resume"
+
+
+def _retune(out: Path, old: dict, identity: dict) -> bool:
+    """Let the resume of a diverged run change its optimiser settings (a lower lr, clipping,
+    fp32); config.yaml then holds the new values and lists the change under ``retuned``."""
+    if not (out / DIVERGED).exists() or old["method"] != identity["method"] \
+            or old["stores"] != identity["stores"]:
+        return False
+    before, after = old["config"], identity["config"]
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    if not changed or not set(changed) <= set(RETUNABLE):
+        return False
+    try:
+        stop = json.loads((out / DIVERGED).read_text())
+    except (OSError, ValueError):
+        stop = {}
+    data = yaml.safe_load((out / CONFIG).read_text())
+    data["config"] = after
+    data.setdefault("retuned", []).append(
+        {"after_epoch": stop.get("checkpoint_epoch"),
+         "changes": {k: [before.get(k), after.get(k)] for k in changed}})
+    _atomic_write(out / CONFIG, yaml.safe_dump(data, sort_keys=False))
+    return True
 
 
 class RunLog:
