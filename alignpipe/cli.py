@@ -386,7 +386,20 @@ RunOption = Annotated[Path | None, typer.Option(help="A run folder made by align
 IdentityOption = Annotated[bool, typer.Option(
     help="Compare the stores' latents directly (they already share a space, e.g. CLIP).")]
 OutputOption = Annotated[Path | None, typer.Option(
-    help="Results JSON (default: in the run folder); .md and .png go beside it.")]
+    help="Results JSON (default: eval-KIND-SPLIT[-OPTIONS]__STORE__STORE.json in the run folder, "
+         "or here with --identity); .md and .png go beside it.")]
+EvalSplitOption = Annotated[str, typer.Option(
+    help="train, val, test, or all (every row; needed when the manifest has no split column).")]
+
+
+def _print_eval_end(result: dict) -> None:
+    """An eval's warnings, then where it wrote."""
+    for note in result.get("warnings", []):
+        err_console.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)
+    out = Path(result["output"])
+    beside = [p.name for p in (out.with_suffix(".md"), out.with_suffix(".png")) if p.exists()]
+    console.print(f"wrote {out}" + (f" (and {', '.join(beside)} beside it)" if beside else ""),
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 @eval_app.command("retrieval")
@@ -396,7 +409,7 @@ def eval_retrieval(
     store_b: Annotated[Path, typer.Argument(help="Store of the other modality.")],
     run: RunOption = None,
     identity: IdentityOption = False,
-    split: Annotated[str, typer.Option(help="Manifest split to score.")] = "test",
+    split: EvalSplitOption = "test",
     output: OutputOption = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda (default: best).")] = None,
     manifest: ManifestOption = None,
@@ -410,6 +423,7 @@ def eval_retrieval(
                        device=device, manifest=manifest, allow_partial=allow_partial)
     _print_partial(result)
     console.print(retrieval_table(result))
+    _print_eval_end(result)
 
 
 @eval_app.command("zeroshot")
@@ -420,7 +434,7 @@ def eval_zeroshot(
         help="Store of the class prompts (one row per class × template, class in label).")],
     run: RunOption = None,
     identity: IdentityOption = False,
-    split: Annotated[str, typer.Option(help="Split of the query manifest.")] = "test",
+    split: EvalSplitOption = "test",
     class_embedding: Annotated[str, typer.Option(
         help="mean (CLIP: average templates) or max (ASIF: best template).")] = "mean",
     output: OutputOption = None,
@@ -437,6 +451,7 @@ def eval_zeroshot(
                       device=device, manifest=manifest, allow_partial=allow_partial)
     _print_partial(result)
     console.print(zeroshot_table(result))
+    _print_eval_end(result)
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -565,7 +580,7 @@ def manifest_imagenet(
     check_files: CheckFilesOpt = True,
     skip_missing: SkipMissingOpt = False,
 ) -> None:
-    """ImageNet val: id, image, label (CLIP class name), wnid, split=test."""
+    """ImageNet val: id, image, label (CLIP class name), class_id (wnid), split=test."""
     from alignpipe.builders import build_imagenet, check_policy
 
     _print_built(build_imagenet(source, out, labels=labels, devkit_meta=devkit_meta,
