@@ -514,7 +514,8 @@ def run(
     use_threads(threads)
 
     result = run_pipeline(pipeline, parse_overrides(set_), dry_run=dry_run, progress=progress,
-                          echo=lambda line: console.print(line, markup=False, highlight=False))
+                          echo=lambda line: console.print(line, markup=False, highlight=False,
+                                                          soft_wrap=True))
     if dry_run:
         return
     if result.evals:

@@ -60,6 +60,25 @@ def run_rows(runs: list[dict]) -> list[list]:
              f"{r['b']} ({r['encoders'][1]})", r["folder"]] for r in runs]
 
 
+def run_plots(result) -> list[str]:
+    """The plots this pipeline run drew, relative to its folder: each fit's curves, each eval's
+    plot and the similarity heatmap. Not every PNG under the folder: one left by an earlier
+    plan (another method, an eval since removed) or by a hand-run `alignpipe eval` would be
+    shown as if it were this run's."""
+    folder = Path(result.folder).resolve()
+    candidates = [Path(r["folder"]) / "curves.png" for r in getattr(result, "runs", None) or []]
+    candidates += [Path(ev["output"]).with_suffix(".png") for ev in result.evals
+                   if ev.get("output")]
+    if result.similarity:
+        candidates.append(folder / "similarity.png")
+    plots = []
+    for path in candidates:
+        path = path.resolve()
+        if path.is_file() and path.is_relative_to(folder):
+            plots.append(str(path.relative_to(folder)))
+    return list(dict.fromkeys(plots))
+
+
 def write_report(plan: dict, result, wall_s: float) -> Path:
     folder = Path(result.folder)
     lines = [f"# Pipeline `{result.name}`", "",
@@ -96,10 +115,10 @@ def write_report(plan: dict, result, wall_s: float) -> Path:
                 lines += [f"## {key.replace('_', ' ')}", "", markdown_table(
                     ["", *names], [[n, *row] for n, row in zip(names, sim[key], strict=False)]),
                     ""]
-    plots = sorted(folder.rglob("*.png"))
+    plots = run_plots(result)
     if plots:
         lines += ["## Plots", ""]
-        lines += [f"![{p.relative_to(folder)}]({p.relative_to(folder)})" for p in plots]
+        lines += [f"![{p}]({p})" for p in plots]
         lines.append("")
     path = folder / "report.md"
     atomic_write_text(path, "\n".join(lines))

@@ -281,3 +281,16 @@ def test_replacing_a_run_by_another_method_says_so(tiny_run, tmp_path, monkeypat
     [line] = [line for line in lines if line.startswith("[fit] pair:")]
     assert "would run" in line and "replace the linear run" in line
     assert "method: [linear, mlp]" in line
+
+
+def test_the_report_shows_this_runs_plots_not_every_png_in_the_folder(tiny_run, monkeypatch):
+    from alignpipe.pipeline_report import write_report
+
+    work, path, result = tiny_run
+    monkeypatch.chdir(work)
+    stale = work / "runs" / "tiny" / "evals" / "00-retrieval-pair.png"  # an earlier plan's
+    stale.write_bytes(b"\x89PNG")
+    report = write_report(load_pipeline(path), result, 1.0).read_text()
+    assert "(evals/00-retrieval-pair-mlp.png)" in report
+    assert "(evals/00-retrieval-pair-linear.png)" in report
+    assert "00-retrieval-pair.png" not in report
