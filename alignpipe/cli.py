@@ -187,9 +187,10 @@ def embed(
         help="Encoder name (see --list-encoders), timm:<model> or hf:<hub id>.")] = None,
     cache: Annotated[Path, typer.Option(help="Cache root.")] = Path("cache"),
     dataset: Annotated[str | None, typer.Option(
-        help="Dataset name (default: manifest stem).")] = None,
+        help="Dataset folder name under the cache (default: manifest stem).")] = None,
     column: Annotated[str | None, typer.Option(
-        help="Manifest column to read (default: the encoder's modality).")] = None,
+        help="Manifest column to read (default: the encoder's modality); a media column "
+             "must be of the encoder's modality.")] = None,
     weights: Annotated[str | None, typer.Option(
         help="Local weights file or folder instead of the hub; 'random' for seeded random "
              "weights (timing).")] = None,
@@ -201,7 +202,9 @@ def embed(
              "float16.")] = None,
     latent_dtype: Annotated[str, typer.Option(help="Stored dtype: float16 or float32.")
                             ] = "float16",
-    batch_size: Annotated[int | None, typer.Option(help="Items per forward pass.")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Items per forward pass (a resumed store keeps the one it started with).")
+                          ] = None,
     workers: Annotated[int | None, typer.Option(
         help="Decode worker processes (default: CPU count, shared out under --cluster).")
                        ] = None,
