@@ -400,8 +400,8 @@ def _print_eval_end(result: dict) -> None:
     for note in result.get("warnings", []):
         err_console.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)
     out = Path(result["output"])
-    beside = [p.name for p in (out.with_suffix(".md"), out.with_suffix(".png")) if p.exists()]
-    console.print(f"wrote {out}" + (f" (and {', '.join(beside)} beside it)" if beside else ""),
+    beside = [p.suffix for p in (out.with_suffix(".md"), out.with_suffix(".png")) if p.exists()]
+    console.print(f"wrote {out}" + (f" (+ {', '.join(beside)} beside it)" if beside else ""),
                   markup=False, highlight=False, soft_wrap=True)
 
 
