@@ -8,7 +8,6 @@ damaged or unfinished store, a manifest that is gone or changed.
 from __future__ import annotations
 
 import hashlib
-import shlex
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from alignpipe import devices
 from alignpipe.errors import StoreError
 from alignpipe.manifest import PATH_COLUMNS, Manifest, read_manifest
 from alignpipe.methods.base import Pairs
-from alignpipe.store import DEFAULT_UNIT_ROWS, LatentStore, encoder_dirname, open_store
+from alignpipe.store import LatentStore, open_store
 
 # Encoder attrs that say which function made the latents (provenance like an import's source
 # file is left out: the prompts of a zero-shot eval are imported from another file).
@@ -112,58 +111,16 @@ def store_manifest(store: LatentStore, manifest: ManifestArg = None) -> Manifest
     return store_manifests([store], manifest)[0]
 
 
-def embed_command(store: LatentStore) -> str | None:
-    """The `alignpipe embed` command that finishes (or repairs) `store`, from its attrs; None
-    when the store was not made by `alignpipe embed` at its standard place."""
-    request = store.encoder.get("request") or {}
-    name = request.get("encoder")
-    if not name or store.path.name != encoder_dirname(name):
-        return None
-    existing = [p for p in manifest_locations(store) if p.is_file()]
-    manifest = existing[0] if existing else store.manifest_info.get("path", "MANIFEST")
-    cmd = ["alignpipe", "embed", str(manifest), "--encoder", name,
-           "--cache", str(store.path.parent.parent), "--dataset", store.path.parent.name]
-    defaults = _spec_defaults(name)
-    if request.get("column") not in (None, store.modality):
-        cmd += ["--column", request["column"]]
-    weights = store.encoder.get("weights_path") if request.get("weights") in ("file", "dir") \
-        else "random" if request.get("weights") == "random" else None
-    if weights:
-        cmd += ["--weights", str(weights)]
-    for key in ("image_size", "pooling"):
-        if request.get(key) is not None and request[key] != defaults.get(key):
-            cmd += [f"--{key.replace('_', '-')}", str(request[key])]
-    if store.dtype != "float16":
-        cmd += ["--latent-dtype", store.dtype]
-    if store.unit_rows not in (DEFAULT_UNIT_ROWS, store.rows):
-        cmd += ["--unit-rows", str(store.unit_rows)]
-    return shlex.join(cmd)
-
-
-def _spec_defaults(name: str) -> dict:
-    try:
-        from alignpipe.encoders import get_encoder_spec
-
-        spec = get_encoder_spec(name)
-    except Exception:  # an unknown name: give every option explicitly
-        return {}
-    return {"image_size": spec.image_size, "pooling": spec.pooling}
-
-
 def stage_two_store(store, *, allow_partial: bool = False) -> LatentStore:
     """Open a store for fit, eval or similarity: refuse a damaged store, and an unfinished one
     (its missing rows would silently shrink the data) unless `allow_partial`."""
     store = as_store(store)
-    require_intact = getattr(store, "require_intact", None)
-    if require_intact is not None:
-        require_intact()
+    store.require_intact()
     if not store.complete and not allow_partial:
-        command = embed_command(store)
-        finish = f"finish it with `{command}`" if command else "finish or re-create it"
         raise StoreError(
             f"{store.path}: the store is unfinished ({len(store.done_units())} of "
-            f"{store.n_units} work units embedded); {finish}, or pass --allow-partial to use "
-            f"only the rows embedded so far")
+            f"{store.n_units} work units embedded); finish it with `{store.repair_command()}`, "
+            f"or pass --allow-partial to use only the rows embedded so far")
     return store
 
 
@@ -309,10 +266,11 @@ def _read_blocks(store: LatentStore, rows: np.ndarray) -> Iterator[tuple[np.ndar
         start = int(ids[i]) * block
         stop = min(start + block, store.rows)
         take = wanted[i:j]
-        if 3 * take.size >= stop - start:
-            data = store.latents[start:stop][take - start]
-        else:
-            data = store.latents.get_orthogonal_selection((take, slice(None)))
+        with store.reading():  # a chunk failing its checksum names the damaged units
+            if 3 * take.size >= stop - start:
+                data = store.latents[start:stop][take - start]
+            else:
+                data = store.latents.get_orthogonal_selection((take, slice(None)))
         yield order[i:j], np.asarray(data)
 
 
