@@ -307,6 +307,16 @@ def test_item23_heads_of_another_shape_are_one_line(data, tmp_path):
         load_run(out)
 
 
+def test_item23_a_damaged_run_summary_is_one_line(data, tmp_path):
+    out = tmp_path / "r"
+    fit(data.store_a, data.store_b, method="linear", out=out, progress=False,
+        overrides={**LINEAR, "epochs": 1})
+    (out / "run.json").write_text("[1, 2")
+    with pytest.raises(AlignpipeError, match="run.json: damaged run summary"):
+        fit(data.store_a, data.store_b, method="linear", out=out, progress=False,
+            overrides={**LINEAR, "epochs": 1})
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty"])
 def test_item23_damaged_checkpoint_is_one_line(data, tmp_path, monkeypatch, damage):
     out = tmp_path / "r"

@@ -13,7 +13,10 @@ recall, and can resume a killed run exactly. The run folder::
     checkpoint.safetensors   last heads + AdamW state + epoch, for --resume
     anchors.safetensors      asif only: the anchor rows (the latents stay in the stores)
     curves.png               loss and val recall per epoch
+    diverged.json            only after the loss went non-finite: where; a resume may retune
     run.json                 the summary; written last, so its presence means "finished"
+
+A lock file ``.NAME.lock`` beside the folder keeps a second writer out while a fit runs.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ def _fit(store_a, store_b, *, method: str, out, config=None, overrides: dict | N
     out = Path(out)
     state = _prepare_folder(out, identity, resume, overwrite)
     if state == "done":
-        return FitSummary.from_dict(json.loads((out / SUMMARY).read_text()))
+        return FitSummary.read(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     if state == "new":

@@ -59,6 +59,15 @@ class FitSummary:
         return out
 
     @classmethod
+    def read(cls, out: Path) -> FitSummary:
+        """The summary a finished run left in run.json (one line naming it when damaged)."""
+        path = Path(out) / SUMMARY
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+            raise AlignpipeError(f"{path}: damaged run summary; refit with --overwrite") from None
+
+    @classmethod
     def from_dict(cls, data: dict) -> FitSummary:
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**{**known, "run_dir": Path(known["run_dir"])})
