@@ -322,14 +322,18 @@ def fit_runs(plan: dict, sid: str) -> list[FitRun]:
             for method in fit_methods(step)]
 
 
-def _fit_step_problems(sid: str, step: dict, plan: dict) -> list[str]:
+def _fit_step_problems(sid, step: dict, plan: dict) -> list[str]:
     """Options, methods, config files and `set:` keys of one fit step, checked without data."""
     from alignpipe import methods
     from alignpipe.fit.config import default_config, resolve_config
 
     where = f"fit.{sid}"
-    problems = [p for p in [plain_name_problem(sid, f"{where}: the fit id")] if p]
+    problems = [p for p in [plain_name_problem(str(sid), f"{where}: the fit id")] if p]
     references = []
+    if step.get("method") is None:
+        problems.append(f"{where}: needs a method (see `alignpipe fit --list-methods`), or a "
+                        f"list of methods")
+        return problems
     extra = sorted(set(map(str, step)) - set(FIT_OPTIONS))
     if extra:
         problems.append(f"{where}: unknown option(s) {', '.join(extra)}"
@@ -431,7 +435,7 @@ def check_plan(plan: dict) -> list[str]:
         if not isinstance(step, dict):
             problems.append(f"fit.{sid}: must be a mapping")
             continue
-        step_problems = _fit_step_problems(str(sid), step, plan)
+        step_problems = _fit_step_problems(sid, step, plan)
         problems += step_problems
         if step_problems:
             continue
