@@ -251,6 +251,8 @@ def test_item23_config_sizes_are_bounded():
             resolve_config("mlp", overrides={key: value})
     with pytest.raises(AlignpipeError, match="topk"):
         resolve_config("asif", overrides={"topk": 0})
+    with pytest.raises(AlignpipeError, match="--set dropout"):  # a python tag, not a traceback
+        resolve_config("mlp", overrides={"dropout": "!!python/object/apply:os.system ['true']"})
     with pytest.raises(AlignpipeError, match="parameters"):
         create_method("mlp", resolve_config("mlp", overrides={"blocks": 64, "expansion": 64}),
                       1 << 16, 8)

@@ -70,6 +70,7 @@ from alignpipe.latents import (
     train_val_rows,
 )
 from alignpipe.methods import create_method
+from alignpipe.yamlsafe import load_yaml
 
 # Below this many val pairs, recall moves by ≥ 1 point per pair and cannot choose an epoch.
 MIN_VAL_PAIRS = 100
@@ -156,7 +157,7 @@ def _run(a, b, manifest, method: str, cfg: dict, out: Path, state: str, device,
     for note in partial_notes([a, b]):
         log(note)
     if state == "resume" and (out / DIVERGED).exists():
-        retuned = (yaml.safe_load((out / CONFIG).read_text()) or {}).get("retuned") or [{}]
+        retuned = (load_yaml(out / CONFIG) or {}).get("retuned") or [{}]
         changes = retuned[-1].get("changes", {})
         log("resuming a run whose loss diverged" + (": " + ", ".join(
             f"{k} {v[0]} → {v[1]}" for k, v in changes.items()) if changes else ""))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from alignpipe.errors import AlignpipeError
 from alignpipe.methods import method_spec
+from alignpipe.yamlsafe import load_yaml
 
 # Keys every method understands.
 COMMON_DEFAULTS = {
@@ -69,7 +68,7 @@ def _coerce(key: str, value, default):
     """Parse a --set string and check it has the type of the default."""
     if isinstance(value, str) and not isinstance(default, str):
         text = value
-        value = yaml.safe_load(value) if value != "" else None
+        value = load_yaml(value, f"--set {key}") if value != "" else None
         if isinstance(value, str) and isinstance(default, (int, float)):
             try:  # YAML reads 1e-3 (no dot) as a string
                 value = float(text)
@@ -105,10 +104,8 @@ def _config_file(config: str | Path | dict | None, method: str) -> dict:
         path = Path(config)
         if not path.exists():
             raise AlignpipeError(f"{path}: fit config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise AlignpipeError(f"{path}: not valid YAML: {err}") from None
+        data = load_yaml(path)
+        data = {} if data is None else data
         if not isinstance(data, dict):
             raise AlignpipeError(f"{path}: a fit config is a mapping of key: value")
     named = data.pop("method", method)

@@ -23,6 +23,7 @@ from alignpipe.fsutil import (
 )
 from alignpipe.latents import as_store, encoder_identity, resolve_device, storage_dtype
 from alignpipe.methods import create_method
+from alignpipe.yamlsafe import YamlInputError, load_yaml
 
 CONFIG, LOG, METRICS, SUMMARY = "config.yaml", "log.txt", "metrics.jsonl", "run.json"
 HEADS_BEST, HEADS_LAST = "heads-best.safetensors", "heads-last.safetensors"
@@ -106,10 +107,10 @@ def read_identity(out: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise AlignpipeError(f"{path}: damaged run config, not readable YAML "
-                             f"({' '.join(str(err).split())[:200]})") from None
+        data = load_yaml(path)
+    except YamlInputError as err:
+        raise AlignpipeError(f"{path}: damaged run config: "
+                             f"{str(err).removeprefix(f'{path}: ')}") from None
     if not isinstance(data, dict):
         raise AlignpipeError(f"{path}: damaged run config: a mapping of method, stores and "
                              f"config was expected, found a {type(data).__name__}")
@@ -239,7 +240,7 @@ def _retune(out: Path, old: dict, identity: dict) -> bool:
         stop = json.loads((out / DIVERGED).read_text())
     except (OSError, ValueError):
         stop = {}
-    data = yaml.safe_load((out / CONFIG).read_text())
+    data = load_yaml(out / CONFIG)
     data["config"] = after
     data.setdefault("retuned", []).append(
         {"after_epoch": stop.get("checkpoint_epoch"),
