@@ -175,6 +175,22 @@ def test_a_full_disk_is_one_line_and_the_same_command_then_finishes(toy_copy, tm
     same_store(clean.path, path)
 
 
+def test_a_full_dev_shm_is_one_line_not_a_hang(toy_dir, tmp_path, monkeypatch):
+    from alignpipe.fsutil import DiskError
+
+    def full(self):
+        raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2_0>: "
+                           "No space left on device (28)")
+
+    monkeypatch.setenv("ALIGNPIPE_DECODER", "processes")
+    monkeypatch.setattr(torch.Tensor, "share_memory_", full)  # inherited by forked workers
+    began = time.monotonic()
+    with pytest.raises(DiskError, match="^/dev/shm: no space left .* fewer --workers"):
+        embed(toy_dir / "toy.parquet", "test-vit", tmp_path, progress=False, workers=2)
+    assert time.monotonic() - began < 20  # the batch was lost in a feeder thread: a hang
+    assert alignpipe_threads() == [] and alignpipe_children() == []
+
+
 # ---- 20: one writer per store; resumes keep the batch size and compute dtype -------------------
 def test_a_second_embed_of_one_store_is_refused_while_the_first_runs(toy_dir, tmp_path):
     path = store_path(tmp_path, "toy", "test-vit").resolve()

@@ -27,10 +27,12 @@ import torch
 import torch.multiprocessing as tmp
 
 from alignpipe.embed.pool import Stopped
+from alignpipe.fsutil import DiskError
 from alignpipe.media import MediaError
 
 _POLL_S = 0.05
 _FIELDS = 3  # per worker: task id, position in the chunk, start time (0 = idle)
+_NO_SHM = "no shared memory: "  # a worker's report that its batch cannot be handed over
 
 
 def fork_available() -> bool:
@@ -76,6 +78,12 @@ def _worker(slot: int, tasks, results, status, prepare: Callable, collate: Calla
             tensors = collate(prepared) if prepared else None
         except Exception:
             results.put((task_id, attempt, None, traceback.format_exc(), failed))
+            continue
+        try:  # here, not in the queue's feeder thread, where a failure is lost and hangs the run
+            tensors = {k: v.share_memory_() if isinstance(v, torch.Tensor) else v
+                       for k, v in (tensors or {}).items()} or None
+        except RuntimeError as err:  # /dev/shm is full
+            results.put((task_id, attempt, None, _NO_SHM + str(err), failed))
             continue
         results.put((task_id, attempt, ok, tensors, failed))
 
@@ -151,6 +159,11 @@ class ProcessPool:
             # A worker killed as hung may have sent its result just before: the item it was
             # given up on stays failed, and the resent rest of the chunk is what counts.
             return
+        if ok is None and tensors.startswith(_NO_SHM):
+            raise DiskError(
+                f"/dev/shm: no space left for the decode workers to hand batches over "
+                f"({tensors.removeprefix(_NO_SHM)}); free space there (docker: --shm-size) "
+                f"or pass fewer --workers, and run the same command again to resume")
         if ok is None:
             raise RuntimeError(f"collating a batch failed in a decode worker:\n{tensors}")
         task.ok, task.tensors, task.failed = ok, tensors, task.failed + failed
