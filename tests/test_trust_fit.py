@@ -291,8 +291,8 @@ def test_item23_damaged_heads_are_one_line(data, tmp_path, damage):
         overrides={**LINEAR, "epochs": 1})
     (out / "heads-best.safetensors").write_bytes(b"not a tensor file" if damage == "garbage"
                                                  else b"")
-    with pytest.raises(AlignpipeError, match="heads-best.safetensors: the run's heads is "
-                                             "damaged"):
+    with pytest.raises(AlignpipeError, match="heads-best.safetensors: damaged heads, not a "
+                                             "readable"):
         load_run(out)
     result = runner.invoke(app, ["eval", "retrieval", str(data.store_a), str(data.store_b),
                                  "--run", str(out)])
@@ -304,8 +304,8 @@ def test_item23_heads_of_another_shape_are_one_line(data, tmp_path):
     fit(data.store_a, data.store_b, method="linear", out=out, progress=False,
         overrides={**LINEAR, "epochs": 1})
     save_tensors(out / "heads-best.safetensors", {"a.weight": torch.zeros(3, 3)})
-    with pytest.raises(AlignpipeError, match="heads-best.safetensors: the run's heads does "
-                                             "not match"):
+    with pytest.raises(AlignpipeError, match="heads-best.safetensors: damaged heads: it does "
+                                             "not fit"):
         load_run(out)
 
 
@@ -326,8 +326,8 @@ def test_item23_damaged_checkpoint_is_one_line(data, tmp_path, monkeypatch, dama
     path = out / "checkpoint.safetensors"
     content = path.read_bytes()
     path.write_bytes(content[:len(content) // 2] if damage == "truncated" else b"")
-    with pytest.raises(AlignpipeError, match="checkpoint.safetensors: the run's checkpoint "
-                                             "is damaged"):
+    with pytest.raises(AlignpipeError, match="checkpoint.safetensors: damaged checkpoint, "
+                                             "not a readable"):
         fit(data.store_a, data.store_b, method="linear", out=out, progress=False,
             overrides=LINEAR, resume=True)
 

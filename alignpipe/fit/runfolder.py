@@ -300,12 +300,12 @@ def read_metrics(out: Path) -> list[dict]:
 def read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     """A safetensors file of the run, or one line naming it when it is missing or damaged."""
     if not path.exists():
-        raise AlignpipeError(f"{path}: the run's {what} is missing")
+        raise AlignpipeError(f"{path}: missing (the run's {what}); refit with --overwrite")
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise AlignpipeError(f"{path}: the run's {what} is damaged, not a readable safetensors "
-                             f"file ({' '.join(str(err).split())[:160]}); refit with "
+        raise AlignpipeError(f"{path}: damaged {what}, not a readable safetensors file "
+                             f"({' '.join(str(err).split())[:160]}); refit with "
                              f"--overwrite") from None
 
 
@@ -323,8 +323,8 @@ def load_into(method, tensors: dict[str, torch.Tensor], path: Path, what: str) -
     try:
         method.load_state_tensors(tensors)
     except (RuntimeError, KeyError, ValueError) as err:
-        raise AlignpipeError(f"{path}: the run's {what} does not match its config.yaml "
-                             f"({' '.join(str(err).split())[:200]})") from None
+        raise AlignpipeError(f"{path}: damaged {what}: it does not fit the heads of the run's "
+                             f"config.yaml ({' '.join(str(err).split())[:200]})") from None
 
 
 # ---- loading a finished run (for eval) ----------------------------------------------------------
