@@ -247,31 +247,32 @@ def media_items(manifest: Manifest, modality: str, rows: np.ndarray) -> np.ndarr
     return out
 
 
-def _read_blocks(store: LatentStore, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _read_blocks(store: LatentStore,
+                 rows: np.ndarray) -> Iterator[tuple[slice | np.ndarray, np.ndarray]]:
     """(positions in `rows`, their latents in the stored dtype), one block of chunks at a time.
 
     A block is read whole when a third or more of its rows are wanted (a sliced read is faster
-    than a gather), else only the chunks holding wanted rows are read.
+    than a gather), else only the chunks holding wanted rows are read. Positions are a slice
+    when `rows` is sorted (the usual case), so no per-row index is built.
     """
-    if rows.size == 0:
-        return
-    order = np.argsort(rows, kind="stable")
-    wanted = rows[order]
+    ordered = bool(np.all(rows[1:] >= rows[:-1]))
+    order = None if ordered else np.argsort(rows, kind="stable")
+    wanted = rows if ordered else rows[order]
     chunk = int(store.latents.chunks[0])
     row_bytes = store.dim * np.dtype(store.dtype).itemsize
     block = max(1, READ_BLOCK_BYTES // (row_bytes * chunk)) * chunk
-    ids = wanted // block
-    cuts = np.flatnonzero(np.diff(ids)) + 1
-    for i, j in zip(np.r_[0, cuts], np.r_[cuts, wanted.size], strict=True):
-        start = int(ids[i]) * block
-        stop = min(start + block, store.rows)
+    cuts = np.searchsorted(wanted, np.arange(0, store.rows + block, block))
+    for first, (i, j) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
+        if i == j:
+            continue
+        start, stop = first * block, min((first + 1) * block, store.rows)
         take = wanted[i:j]
         with store.reading():  # a chunk failing its checksum names the damaged units
             if 3 * take.size >= stop - start:
                 data = store.latents[start:stop][take - start]
             else:
                 data = store.latents.get_orthogonal_selection((take, slice(None)))
-        yield order[i:j], np.asarray(data)
+        yield (slice(int(i), int(j)) if ordered else order[i:j]), np.asarray(data)
 
 
 def _checked_rows(store: LatentStore, rows) -> np.ndarray:
@@ -302,8 +303,8 @@ def load_rows(store: LatentStore, rows, device: torch.device,
     out = torch.empty((rows.size, store.dim), dtype=dtype, device=device)
     for positions, data in _read_blocks(store, rows):
         block = torch.from_numpy(data).to(device=device, dtype=dtype)
-        if np.all(np.diff(positions) == 1):  # rows in order: a plain copy
-            out[int(positions[0]):int(positions[-1]) + 1] = block
+        if isinstance(positions, slice):
+            out[positions] = block
         else:
             out[torch.from_numpy(positions).to(device)] = block
     return out
