@@ -21,9 +21,20 @@ from alignpipe.errors import StoreError
 from alignpipe.fsutil import LockedError
 from alignpipe.store import lock_store, open_store, store_path
 
+_EARLIER: set[threading.Thread] = set()
+
+
+@pytest.fixture(autouse=True)
+def _earlier_threads():
+    """Threads earlier tests left on purpose (a decoder hung for 60 s cannot be stopped)."""
+    _EARLIER.clear()
+    _EARLIER.update(threading.enumerate())
+
 
 def alignpipe_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("alignpipe")]
+    """alignpipe threads started by this test and still alive."""
+    return [t.name for t in threading.enumerate()
+            if t.name.startswith("alignpipe") and t not in _EARLIER]
 
 
 def alignpipe_children() -> list[str]:
