@@ -103,6 +103,7 @@ class DecodePool:
         self.threads: list[threading.Thread] = []
         self.busy: dict[threading.Thread, _Task] = {}  # thread -> the item it decodes
         self.closed = False
+        self.reusable = False  # set by `decoders.shared_pool`'s user after a clean run
         for _ in range(self.workers):
             self._spawn()
 

@@ -117,6 +117,7 @@ class ProcessPool:
         self.open: dict[int, _Task] = {}
         self.next_id = 0
         self.closed = False
+        self.reusable = False  # set by `decoders.shared_pool`'s user after a clean run
         for slot in range(len(self.procs)):
             self._start(slot)
 
