@@ -204,5 +204,10 @@ def exclusive_lock(lock: str | Path, what: str) -> Iterator[None]:
     try:
         yield
     finally:
-        if _read_holder(lock).get("token") == holder["token"]:
-            lock.unlink(missing_ok=True)
+        # Never let the release mask the body's own error (a read-only or full disk): a lock
+        # that could not be removed belongs to a dead process next time and is taken over.
+        try:
+            if _read_holder(lock).get("token") == holder["token"]:
+                lock.unlink(missing_ok=True)
+        except OSError:
+            pass

@@ -138,3 +138,15 @@ def test_full_disk_in_a_command_is_one_line_not_a_traceback(tmp_path, monkeypatc
     assert "no space left on the device" in result.output
     assert "Traceback" not in result.output and result.exception is None or \
         isinstance(result.exception, SystemExit)
+
+
+def test_a_lock_that_cannot_be_removed_does_not_mask_the_real_error(tmp_path, monkeypatch):
+    lock = tmp_path / "s.lock"
+
+    def read_only(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    with pytest.raises(RuntimeError, match="the body's own error"):
+        with exclusive_lock(lock, "store S"):
+            monkeypatch.setattr(Path, "unlink", read_only)
+            raise RuntimeError("the body's own error")
