@@ -111,6 +111,21 @@ def test_dinov2_timm_and_hf_see_the_same_pixels_as_the_paper(dinov2, monkeypatch
         assert hf_enc.forward({"pixels": hf_raw}).shape == (3, 32)
 
 
+def test_image_size_keeps_each_processors_own_ratio():
+    from transformers import BitImageProcessor, CLIPImageProcessor, ViTImageProcessor
+
+    from alignpipe.encoders.pixels import from_processor
+
+    dino = BitImageProcessor(**{k: v for k, v in DINOV2_PROCESSOR.items()
+                                if k != "image_processor_type"})
+    assert (from_processor(dino, 518).resize, from_processor(dino, 518).crop) == (592,
+                                                                                  (518, 518))
+    clip = from_processor(CLIPImageProcessor(), 336)  # CLIP resizes to the crop size
+    assert (clip.resize, clip.crop) == (336, (336, 336))
+    vit = from_processor(ViTImageProcessor(), 384)  # exact height x width, no crop
+    assert (vit.resize, vit.crop, vit.interpolation) == ((384, 384), None, "bilinear")
+
+
 def test_dinov2_registry_and_timm_prefix_use_the_papers_crop():
     for name in ("dinov2", "dinov2-g", "timm:vit_large_patch14_dinov2.lvd142m"):
         assert get_encoder_spec(name).crop_pct == 0.875

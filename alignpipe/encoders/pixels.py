@@ -96,6 +96,11 @@ def from_timm(data_config: dict, source: str) -> ResizeCrop | None:
                       source=source)
 
 
+def _set_fields(size) -> dict:
+    """A processor's size (a dict, or transformers 5's SizeDict) without its unset fields."""
+    return {k: v for k, v in dict(size or {}).items() if v is not None}
+
+
 def from_processor(processor, image_size: int | None) -> ResizeCrop | None:
     """A transformers image processor's resize and centre crop, at `image_size` if given.
 
@@ -104,8 +109,8 @@ def from_processor(processor, image_size: int | None) -> ResizeCrop | None:
     """
     if getattr(processor, "crop_pct", None) is not None:  # ConvNeXt-style rules of their own
         return None
-    size = dict(processor.size or {}) if getattr(processor, "do_resize", True) else {}
-    crop = (dict(processor.crop_size or {}) if getattr(processor, "do_center_crop", False)
+    size = _set_fields(processor.size) if getattr(processor, "do_resize", True) else {}
+    crop = (_set_fields(processor.crop_size) if getattr(processor, "do_center_crop", False)
             else {})
     resample = getattr(processor, "resample", 3)
     interpolation = PIL_FILTERS.get(int(resample)) if resample is not None else "bilinear"
