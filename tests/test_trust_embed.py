@@ -276,3 +276,18 @@ def test_a_dataset_name_that_leaves_the_cache_is_refused(toy_dir, tmp_path, name
     with pytest.raises(EmbedError, match="not a plain folder name"):
         embed_status(toy_dir / "toy.parquet", "test-vit", cache, dataset=name)
     assert [p for p in tmp_path.rglob("*")] == []
+
+
+def test_resuming_a_store_begun_with_another_crop_is_refused(toy_dir, tmp_path):
+    """Item 4: a DINOv2 store begun with timm's old 224 resize must not be finished at 256."""
+    import zarr
+
+    manifest = toy_dir / "toy.parquet"
+    cut = embed(manifest, "test-vit", tmp_path, unit_rows=300, progress=False)
+    group = zarr.open_group(str(cut.path), mode="r+")
+    encoder = dict(group.attrs["encoder"])
+    encoder["request"] = {**encoder["request"], "crop_pct": 1.0}  # as the old resize 224 was
+    group.attrs["encoder"] = encoder
+    unmark(cut.path, [1])
+    with pytest.raises(EmbedError, match=r"crop_pct: store has 1\.0"):
+        embed(manifest, "test-vit", tmp_path, unit_rows=300, progress=False)

@@ -103,7 +103,10 @@ class Request:
         return {"encoder": self.spec.name, "weights": self.source.kind,
                 "weights_sha256": self.source.sha256, "pooling": self.pooling,
                 "image_size": self.image_size, "column": self.column,
-                "prefix": self.spec.prefix}
+                "prefix": self.spec.prefix,
+                # The resize/crop ratio: a store begun with another crop must not be resumed
+                # (None for encoders whose processor decides; old stores recorded no value).
+                "crop_pct": self.spec.crop_pct}
 
 
 def _manifest(manifest: str | Path | Manifest) -> Manifest:
