@@ -357,6 +357,10 @@ def fit(
                          overrides=overrides, resume=resume, device=device, progress=progress,
                          overwrite=overwrite, manifest=manifest, allow_partial=allow_partial)
     console.print(fit_summary_table(summary.to_dict()))
+    if summary.cached:
+        err_console.print(f"{out} already holds this finished run (same method, config and "
+                          f"stores); nothing was fitted (--overwrite fits it again)",
+                          markup=False, highlight=False, soft_wrap=True)
     for line in summary.warnings:
         err_console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
 

@@ -89,7 +89,7 @@ def open_space(run, identity: bool, stores: list[LatentStore],
     from alignpipe.fit import load_run
     from alignpipe.fit.runfolder import ANCHORS, HEADS_BEST
 
-    loaded = load_run(run, device)
+    loaded = load_run(run, device, stores=stores)  # an asif run's stores may have moved
     sides = {}
     for store in stores:
         side = loaded.side_of(store.modality)

@@ -5,7 +5,8 @@ stores onto the device once, draws every batch by an on-device permutation (no p
 DataLoader), validates on the manifest's val split each epoch, keeps the best heads by val
 recall, and can resume a killed run exactly. The run folder::
 
-    config.yaml              method, stores (path, modality, encoder, manifest sha), config
+    config.yaml              method, stores (path, path from the run folder, modality, dim,
+                             rows, encoder, manifest sha), config
     log.txt                  what happened, including batch-size reductions and dropped rows
     metrics.jsonl            one line per epoch: loss, lr, temperature, val recall, pairs/s
     heads-best.safetensors   heads of the best val epoch (what eval loads)
@@ -16,7 +17,10 @@ recall, and can resume a killed run exactly. The run folder::
     diverged.json            only after the loss went non-finite: where; a resume may retune
     run.json                 the summary; written last, so its presence means "finished"
 
-A lock file ``.NAME.lock`` beside the folder keeps a second writer out while a fit runs.
+A lock file ``.NAME.lock`` beside the folder keeps a second writer out while a fit runs; a fit
+refused before it wrote anything leaves no folder behind. A run is the same run wherever its
+stores lie (they are compared by what they are), so a project moved as a whole keeps its runs:
+``--resume`` alone and an asif run's anchors find the stores relative to the run folder.
 """
 
 from __future__ import annotations
@@ -53,8 +57,10 @@ from alignpipe.fit.runfolder import (
     _atomic_write,
     _prepare_folder,
     load_run,
+    locate_store,
     read_identity,
     read_metrics,
+    record_locations,
     run_identity,
     run_is_complete,
     run_lock,
@@ -88,7 +94,10 @@ def fit(store_a=None, store_b=None, *, method: str | None = None, out, config=No
     needs ``resume=True``; a different one in `out` needs ``overwrite=True``, which first clears
     the folder of everything alignpipe wrote there (eval results included). On a resume the
     run's saved method, stores and config are the defaults: ``fit(out=run, resume=True)`` alone
-    continues it, and any value given that differs from the saved one is refused by name.
+    continues it, and any value given that differs from the saved one is refused by name; the
+    saved stores are looked for relative to `out` first, then at their recorded paths. A finished
+    or resumed run whose stores moved records where they are now (``summary.cached`` says a
+    finished run was found and nothing was fitted).
     One process at a time writes a run folder (a lock beside it). `options`: `overwrite`,
     `manifest`, `allow_partial` (see `_fit`).
     """
@@ -97,8 +106,12 @@ def fit(store_a=None, store_b=None, *, method: str | None = None, out, config=No
         saved = read_identity(out) if resume and not options.get("overwrite") else None
         if saved is not None:
             method = method or saved["method"]
-            store_a = saved["stores"]["a"]["path"] if store_a is None else store_a
-            store_b = saved["stores"]["b"]["path"] if store_b is None else store_b
+            hint = (f"pass both stores where they are now: `alignpipe fit STORE_A STORE_B --out "
+                    f"{out} --resume`")
+            if store_a is None:
+                store_a = locate_store(out, saved["stores"]["a"], "a", hint)
+            if store_b is None:
+                store_b = locate_store(out, saved["stores"]["b"], "b", hint)
         method = method or "fusemix"
         if store_a is None or store_b is None:
             raise AlignpipeError(f"{out}: fit needs two stores (only `--resume` of an existing "
@@ -121,15 +134,19 @@ def _fit(store_a, store_b, *, method: str, out, config=None, overrides: dict | N
     started = time.perf_counter()
     a, b, manifest = open_pair(store_a, store_b, manifest=manifest, allow_partial=allow_partial)
     cfg = resolve_config(method, config, overrides, base=base)
-    identity = run_identity(method, cfg, a, b)
+    out = Path(out)
+    identity = run_identity(method, cfg, a, b, out)
     for side, store in (("a", a), ("b", b)):
         if not store.complete:  # a fit on part of a store is not the fit on all of it
             identity["stores"][side]["partial"] = (f"{len(store.done_units())} of "
                                                    f"{store.n_units} units")
-    out = Path(out)
     state = _prepare_folder(out, identity, resume, overwrite)
+    if state in ("done", "resume"):  # the same run; its stores (or the folder) may have moved
+        record_locations(out, identity)
     if state == "done":
-        return FitSummary.read(out)
+        summary = FitSummary.read(out)
+        summary.cached = True
+        return summary
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     if state == "new":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -53,10 +54,12 @@ class FitSummary:
     steps: int = 0
     device: str = ""
     warnings: list = field(default_factory=list)
+    cached: bool = False  # True when `fit` found this finished run in --out and did nothing
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["run_dir"] = str(self.run_dir)
+        del out["cached"]
         return out
 
     @classmethod
@@ -74,16 +77,136 @@ class FitSummary:
         return cls(**{**known, "run_dir": Path(known["run_dir"])})
 
 
-def store_identity(store) -> dict:
-    return {"path": str(Path(store.path).resolve()), "modality": store.modality,
-            "dim": store.dim, "encoder": encoder_identity(store),
+# Where a store lies, as opposed to what it is: runs compare stores by what they are, so a project
+# moved or renamed as a whole (manifest, cache and runs) still holds the same runs.
+LOCATION_KEYS = ("path", "relative_path")
+
+
+def store_identity(store, out=None) -> dict:
+    """A store as a run records it: where it is (its absolute path and, given the run folder
+    `out`, its path relative to that folder when both lie under one folder below the filesystem
+    root) and what it is (modality, dim, rows, encoder, manifest sha256)."""
+    path = Path(store.path).resolve()
+    record = {"path": str(path)}
+    relative = _relative_location(path, out) if out is not None else None
+    if relative is not None:
+        record["relative_path"] = relative
+    return {**record, "modality": store.modality, "dim": store.dim, "rows": store.rows,
+            "encoder": encoder_identity(store),
             "manifest_sha256": store.manifest_info.get("sha256")}
 
 
-def run_identity(method: str, config: dict, a, b) -> dict:
-    """Everything that decides a run's result: same identity, same run."""
-    return {"method": method, "stores": {"a": store_identity(a), "b": store_identity(b)},
+def _relative_location(path: Path, out) -> str | None:
+    out = Path(out).resolve()
+    try:
+        common = Path(os.path.commonpath([path, out]))
+    except ValueError:  # different drives
+        return None
+    return None if common == Path(common.anchor) else os.path.relpath(path, out)
+
+
+def run_identity(method: str, config: dict, a, b, out=None) -> dict:
+    """Everything that decides a run's result (same identity, same run), plus where its stores
+    lie (see `store_identity`; `same_identity` leaves that out)."""
+    return {"method": method,
+            "stores": {"a": store_identity(a, out), "b": store_identity(b, out)},
             "config": config}
+
+
+def _what(identity: dict) -> dict:
+    """`identity` without where its stores lie."""
+    return {**identity, "stores": {side: {k: v for k, v in record.items()
+                                          if k not in LOCATION_KEYS}
+                                   for side, record in identity["stores"].items()}}
+
+
+def _comparable(old: dict, new: dict) -> tuple[dict, dict]:
+    old, new = _what(old), _what(new)
+    for side, record in old["stores"].items():  # a run recorded before stores had rows
+        if "rows" not in record:
+            new["stores"].get(side, {}).pop("rows", None)
+    return old, new
+
+
+def same_identity(old: dict, new: dict) -> bool:
+    """Same method, config and stores (by what they are, wherever they lie now)."""
+    old, new = _comparable(old, new)
+    return old == new
+
+
+def identity_differences(old: dict, new: dict) -> list[str]:
+    return _differences(*_comparable(old, new))
+
+
+def store_locations(out, record: dict) -> list[Path]:
+    """Where a run's store may be: relative to the run folder first (a project moved or copied
+    as a whole), then at the absolute path recorded when the run was made."""
+    found = []
+    if isinstance(record.get("relative_path"), str):
+        found.append((Path(out).resolve() / record["relative_path"]).resolve())
+    found.append(Path(record["path"]))
+    return list(dict.fromkeys(found))
+
+
+def _store_differences(record: dict, store) -> list[str]:
+    want = {k: v for k, v in record.items() if k not in (*LOCATION_KEYS, "partial")}
+    found = _what({"stores": {"x": store_identity(store)}})["stores"]["x"]
+    if "rows" not in want:
+        found.pop("rows", None)
+    return _differences(want, found)
+
+
+def locate_store(out, record: dict, side: str, hint: str, candidates=()):
+    """The store a run recorded for `side`, wherever it lies now: relative to the run folder,
+    at its recorded path, or among `candidates` (stores given with the command), whichever is
+    that store by what it is. Otherwise a StoreError naming the store, where it was looked for,
+    and `hint` (how to say where it is now)."""
+    from alignpipe.errors import StoreError
+
+    seen = []
+    for where in [*store_locations(out, record), *candidates]:
+        if isinstance(where, Path) and not where.exists():
+            continue
+        try:
+            store = as_store(where)
+        except AlignpipeError as err:
+            seen.append(str(err).split("\n")[0][:200])
+            continue
+        diff = _store_differences(record, store)
+        if not diff:
+            return store
+        if isinstance(where, Path):  # a store given with the command need not be this one
+            seen.append(f"{store.path} is another store ({'; '.join(diff[:3])})")
+    encoder = (record.get("encoder") or {}).get("name", "?")
+    looked = ", ".join(map(str, store_locations(out, record)))
+    raise StoreError(
+        f"{out}: the run's {side} store ({record.get('modality')} latents of {encoder}, "
+        f"manifest sha256 {str(record.get('manifest_sha256'))[:12]}…) is not at {looked}"
+        + (f" ({'; '.join(seen)})" if seen else "") + f"; {hint}")
+
+
+def record_locations(out: Path, identity: dict) -> None:
+    """Point the run's config.yaml at where its stores lie now (after they moved), so that
+    `--resume` alone and `load_run` find them there."""
+    path = Path(out) / CONFIG
+    data = load_yaml(path)
+    stores = data.get("stores") if isinstance(data, dict) else None
+    if not isinstance(stores, dict):
+        return
+    changed = False
+    for side, now in identity["stores"].items():
+        record = stores.get(side)
+        if not isinstance(record, dict):
+            continue
+        for key in LOCATION_KEYS:
+            if record.get(key) != now.get(key):
+                changed = True
+                if key in now:
+                    record[key] = now[key]
+                else:
+                    record.pop(key, None)
+    if changed:
+        _atomic_write(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def _atomic_write(path: Path, data: bytes | str) -> None:
@@ -134,6 +257,8 @@ def _check_identity(identity: dict, path: Path) -> None:
     for side, store in stores.items():
         if not isinstance(store, dict) or not isinstance(store.get("path"), str):
             raise bad(f"stores.{side} must hold the store's path")
+        if not isinstance(store.get("relative_path", ""), str):
+            raise bad(f"stores.{side}.relative_path must be a string")
         dim = store.get("dim")
         if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= MAX_DIM:
             raise bad(f"stores.{side}.dim must be an integer in [1, {MAX_DIM}], got {dim!r}")
@@ -166,7 +291,8 @@ def run_state(out, store_a, store_b, *, method: str, config=None, overrides=None
     if old is None:
         return "missing"
     a, b = as_store(store_a), as_store(store_b)
-    if old != run_identity(method, resolve_config(method, config, overrides), a, b):
+    if not same_identity(old, run_identity(method, resolve_config(method, config, overrides),
+                                           a, b)):
         return "different"
     return "complete" if (Path(out) / SUMMARY).exists() else "incomplete"
 
@@ -182,8 +308,17 @@ def run_lock(out: Path):
     """One writer per run folder: a second `fit` into it (say a `fit --resume` started while the
     first still runs) is refused instead of appending a second copy of the metrics."""
     out = Path(out).absolute()
-    with exclusive_lock(out.with_name(f".{out.name}.lock"), f"run folder {out}"):
-        yield
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        with exclusive_lock(out.with_name(f".{out.name}.lock"), f"run folder {out}"):
+            yield
+    finally:
+        if not out.exists():  # refused (or failed) before writing anything: leave no folders
+            for folder in created[1:]:  # deepest first; the lock made them
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (someone else wrote there) or not removable
+                    break
 
 
 def clear_run_folder(out: Path) -> list[str]:
@@ -212,10 +347,11 @@ def _prepare_folder(out: Path, identity: dict, resume: bool, overwrite: bool) ->
             raise AlignpipeError(f"{out}: folder exists and is not a run; choose another --out")
         return "new"
     finished = (out / SUMMARY).exists()
-    if old != identity and resume and not finished and _retune(out, old, identity):
+    same = same_identity(old, identity)
+    if not same and resume and not finished and _retune(out, old, identity):
         return "resume"
-    if old != identity:
-        changes = "; ".join(_differences(old, identity)[:8])
+    if not same:
+        changes = "; ".join(identity_differences(old, identity)[:8])
         raise AlignpipeError(f"{out}: holds a different run ({changes}); choose another --out "
                              f"or pass --overwrite to replace it")
     if finished:
@@ -229,8 +365,8 @@ def _prepare_folder(out: Path, identity: dict, resume: bool, overwrite: bool) ->
 def _retune(out: Path, old: dict, identity: dict) -> bool:
     """Let the resume of a diverged run change its optimiser settings (a lower lr, clipping,
     fp32); config.yaml then holds the new values and lists the change under ``retuned``."""
-    if not (out / DIVERGED).exists() or old["method"] != identity["method"] \
-            or old["stores"] != identity["stores"]:
+    if not (out / DIVERGED).exists() or not same_identity(
+            {**old, "config": {}}, {**identity, "config": {}}):
         return False
     before, after = old["config"], identity["config"]
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
@@ -341,8 +477,12 @@ class LoadedRun:
         return None
 
 
-def load_run(run, device=None, which: str = "best") -> LoadedRun:
-    """Rebuild a fitted method from its run folder (heads, or asif's anchors from the stores)."""
+def load_run(run, device=None, which: str = "best", stores=()) -> LoadedRun:
+    """Rebuild a fitted method from its run folder (heads, or asif's anchors from the stores).
+
+    An asif run reads its anchors from the stores it was fitted on, found relative to the run
+    folder, at their recorded paths, or among `stores` (those an eval was given), see
+    `locate_store`."""
     path = Path(run)
     identity = read_identity(path)
     if identity is None:
@@ -351,30 +491,30 @@ def load_run(run, device=None, which: str = "best") -> LoadedRun:
         raise AlignpipeError(f"{path}: the run has not finished (no {SUMMARY}); continue it "
                              f"with `alignpipe fit ... --out {path} --resume`")
     dev = resolve_device(device)
-    stores = identity["stores"]
+    dims = [identity["stores"][side]["dim"] for side in ("a", "b")]
     method = create_method(identity["method"], resolve_config(identity["method"],
-                                                              identity["config"]),
-                           stores["a"]["dim"], stores["b"]["dim"])
+                                                              identity["config"]), *dims)
     if method.trained:
         heads = path / (HEADS_BEST if which == "best" else HEADS_LAST)
         load_into(method, read_tensors(heads, "heads"), heads, "heads")
     else:
-        _load_anchors(method, path, stores, dev, identity["config"])
+        _load_anchors(method, path, identity["stores"], dev, identity["config"], stores)
     return LoadedRun(path, method.to(dev), identity)
 
 
-def _load_anchors(method, path: Path, stores: dict, device: torch.device, cfg: dict) -> None:
-    from alignpipe.latents import check_encoder, read_rows, to_device
+def _load_anchors(method, path: Path, stores: dict, device: torch.device, cfg: dict,
+                  candidates=()) -> None:
+    from alignpipe.latents import read_rows, to_device
 
     load_into(method, read_tensors(path / ANCHORS, "anchor list"), path / ANCHORS,
               "anchor list")
+    hint = (f"the asif run reads its anchors from it: pass it to eval if it is one of the stores "
+            f"scored, or record where the stores are now with `alignpipe fit STORE_A STORE_B "
+            f"--method asif --out {path}` (a finished run is not refitted)")
+    candidates = [as_store(c) for c in candidates]
     opened = {}
     for side in ("a", "b"):
-        store = as_store(stores[side]["path"])
-        if store.manifest_info.get("sha256") != stores[side]["manifest_sha256"]:
-            raise AlignpipeError(f"{store.path}: no longer the store the asif run {path} took "
-                                 f"its anchors from (manifest changed)")
-        check_encoder(store, stores[side]["encoder"], side)
+        store = locate_store(path, stores[side], side, hint, candidates)
         opened[side] = to_device(read_rows(store, method.anchor_rows), device,
                                  storage_dtype(device, cfg.get("storage_dtype", "auto")))
     method.set_anchors(opened["a"], opened["b"], method.anchor_rows)
