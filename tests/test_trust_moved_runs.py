@@ -94,6 +94,9 @@ def test_the_same_spec_fitted_again_after_the_move_is_the_same_finished_run(proj
     result = cli("fit", image, text, *flags, "--out", run, "--no-progress")
     assert result.exit_code == 0, result.output
     assert "already holds this finished run" in plain(result.output)
+    summary = fit(image, text, method=name, out=run, progress=False,
+                  overrides=MLP if name == "mlp" else {"topk": 5})
+    assert summary.cached and summary.run_dir == run  # where it is now, not where it was
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.name != "config.yaml"}
     assert after == before  # not refitted, not replaced
     # Another spec into the same folder is still a different run.
@@ -131,13 +134,13 @@ def test_stores_that_cannot_be_found_are_one_line_saying_how_to_point_at_them(pr
         load_run(asif, "cpu")
     message = str(err.value)
     assert "\n" not in message and "the run's a store (image latents of test-vit" in message
-    assert f"--method asif --out {asif}" in message
+    assert f"`alignpipe fit STORE_A STORE_B --out {asif} --resume`" in message
     # The stores given to eval are used when they are the run's stores.
     result = cli("eval", "retrieval", image, text, "--run", asif, "--device", "cpu",
                  "--split", "all", "--output", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
-    # A fit of the same spec records where they are now; then nothing more is needed.
-    result = cli("fit", image, text, *ASIF_FLAGS, "--out", asif, "--no-progress")
+    # What the message says records where they are now; then nothing more is needed.
+    result = cli("fit", image, text, "--out", asif, "--resume", "--no-progress")
     assert result.exit_code == 0 and "already holds" in plain(result.output), result.output
     assert load_run(asif, "cpu").method.anchors["b"].shape[0] == 24
 

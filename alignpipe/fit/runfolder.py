@@ -67,9 +67,11 @@ class FitSummary:
         """The summary a finished run left in run.json (one line naming it when damaged)."""
         path = Path(out) / SUMMARY
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            summary = cls.from_dict(json.loads(path.read_text()))
         except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
             raise AlignpipeError(f"{path}: damaged run summary; refit with --overwrite") from None
+        summary.run_dir = Path(out)  # where the run is now (it may have moved since)
+        return summary
 
     @classmethod
     def from_dict(cls, data: dict) -> FitSummary:
@@ -508,9 +510,9 @@ def _load_anchors(method, path: Path, stores: dict, device: torch.device, cfg: d
 
     load_into(method, read_tensors(path / ANCHORS, "anchor list"), path / ANCHORS,
               "anchor list")
-    hint = (f"the asif run reads its anchors from it: pass it to eval if it is one of the stores "
-            f"scored, or record where the stores are now with `alignpipe fit STORE_A STORE_B "
-            f"--method asif --out {path}` (a finished run is not refitted)")
+    hint = (f"the asif run reads its anchors from it: give it to eval if it is one of the "
+            f"stores scored, or record where the stores are now with `alignpipe fit STORE_A "
+            f"STORE_B --out {path} --resume` (a finished run is not refitted)")
     candidates = [as_store(c) for c in candidates]
     opened = {}
     for side in ("a", "b"):
