@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import threading
 import time
 from pathlib import Path
 
@@ -150,6 +151,7 @@ def no_hub(monkeypatch, tmp_path):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # whatever the shell running us says
     monkeypatch.setattr(hub, "_REACHABLE", {})
     sleeps: list[float] = []
     monkeypatch.setattr(time, "sleep", lambda s: sleeps.append(s))
@@ -194,6 +196,92 @@ def test_probe_runs_once_and_respects_its_timeout(monkeypatch):
     began = time.perf_counter()
     assert hub._probe("http://127.0.0.1:9", 0.5) is not None
     assert time.perf_counter() - began < 2
+
+
+def _hub_refuses_a_request() -> bool:
+    """What huggingface_hub does right before it sends any request: True when it refuses."""
+    from types import SimpleNamespace
+
+    from huggingface_hub.errors import OfflineModeIsEnabled
+    from huggingface_hub.utils._http import hf_request_event_hook
+
+    try:
+        hf_request_event_hook(SimpleNamespace(url="http://127.0.0.1:9/x", method="GET",
+                                              headers={}))
+    except OfflineModeIsEnabled:
+        return True
+    return False
+
+
+@pytest.fixture()
+def unreachable(monkeypatch):
+    """A hub every probe finds unreachable (instantly), and a fresh probe state."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "_REACHABLE", {})
+    monkeypatch.setattr(hub, "_probe", lambda endpoint, _: f"{endpoint} is unreachable (test)")
+    return constants
+
+
+def test_fail_fast_in_two_threads_leaves_nothing_behind(unreachable):
+    """Thread a enters, b enters, a leaves, b leaves: b still fails fast after a left, and
+    afterwards nothing is offline (each block once saved and restored the patched function,
+    so this order left a's patch installed for good)."""
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    refused: dict[str, bool] = {}
+
+    def a() -> None:
+        with hub.fail_fast():
+            a_in.set()
+            b_in.wait(5)
+            refused["a"] = _hub_refuses_a_request()
+        a_out.set()
+
+    def b() -> None:
+        a_in.wait(5)
+        with hub.fail_fast():
+            b_in.set()
+            a_out.wait(5)
+            refused["b, after a left"] = _hub_refuses_a_request()
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert refused == {"a": True, "b, after a left": True}
+    assert not _hub_refuses_a_request()  # outside every block requests go out as usual
+    assert unreachable.is_offline_mode() is False and unreachable.HF_HUB_OFFLINE is False
+
+
+def test_is_offline_mode_imported_during_a_load_is_harmless_after_it(unreachable):
+    """transformers binds `from huggingface_hub import is_offline_mode` when a module is first
+    imported, which can be during a load: that function must not switch offline mode on for
+    good when called later (it set HF_HUB_OFFLINE, and the next hub load reported
+    'HF_HUB_OFFLINE is set' instead of the endpoint it could not reach)."""
+    import huggingface_hub
+
+    with hub.fail_fast():
+        bound = huggingface_hub.is_offline_mode  # what such an import binds
+        assert _hub_refuses_a_request() and bound()
+    assert bound() is False and unreachable.HF_HUB_OFFLINE is False
+    assert not _hub_refuses_a_request() and hub.known_problem() is not None
+
+
+def test_local_loads_never_probe(monkeypatch):
+    """transformers asks is_offline_mode() before opening a local folder too (a probe there
+    cost a local load up to 3.5 s); only a request about to be sent may probe."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "_REACHABLE", {})
+    monkeypatch.setattr(hub, "_probe", _no_probe)
+    with hub.fail_fast():
+        assert huggingface_hub.is_offline_mode() is False  # as transformers asks it
+    load_encoder("test-text", device="cpu")
+    assert hub._REACHABLE == {}
 
 
 # ---- item 18: a device the machine does not have ------------------------------------------------
