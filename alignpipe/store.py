@@ -25,7 +25,7 @@ import re
 import shlex
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
@@ -592,7 +592,9 @@ def lock_store(path: str | Path) -> Iterator[None]:
     created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     try:
         with exclusive_lock(lock_path(path), f"store {path}"):
-            remove_leftovers(path)
+            if remove_leftovers(path) and is_store(path) and not failures_file(path).exists():
+                with suppress(StoreError):  # a restored store's table, if lost
+                    open_store(path).merge_failures()
             yield
     finally:
         remove_empty_folders(created)

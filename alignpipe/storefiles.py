@@ -24,6 +24,11 @@ STAGING_MARK = ".staging-"
 ASIDE_MARK = ".old-"
 
 
+def rename(source: Path, target: Path) -> None:
+    """The one rename every swap step goes through (atomic within a file system)."""
+    os.replace(source, target)
+
+
 def failures_file(store: Path) -> Path:
     """The merged failure table beside a store folder."""
     return store.with_name(store.name + FAILURES_SUFFIX)
@@ -73,8 +78,9 @@ def _siblings(store: Path, mark: str, dots: str = ".") -> list[Path]:
 
 
 def remove_folder_and_failures(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    # the table first: a kill in between must not leave a table without its folder
     failures_file(path).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def staging_path(store: Path) -> Path:
@@ -84,20 +90,18 @@ def staging_path(store: Path) -> Path:
 def swap_in(staged: Path, store: Path) -> None:
     """Put the finished store `staged` (and its failure table) at `store`.
 
-    The old store is renamed aside first and deleted last, so at every moment one whole store
-    exists: at `store`, or (between two renames) aside, from where `remove_leftovers` restores
-    it after a kill.
+    The old store is renamed aside (its failure table first, then its folder) and deleted only
+    after the new one is in place, so at every moment one whole store exists: at `store`, or
+    aside, from where `remove_leftovers` puts it back after a kill.
     """
     aside = store.with_name(f".{store.name}{ASIDE_MARK}{uuid.uuid4().hex[:8]}")
     if store.exists():
-        store.replace(aside)
         if failures_file(store).exists():
-            failures_file(store).replace(failures_file(aside))
+            rename(failures_file(store), failures_file(aside))
+        rename(store, aside)
     if failures_file(staged).exists():
-        failures_file(staged).replace(failures_file(store))
-    else:
-        failures_file(store).unlink(missing_ok=True)
-    staged.replace(store)
+        rename(failures_file(staged), failures_file(store))
+    rename(staged, store)
     fsync_dir(store.parent)
     remove_folder_and_failures(aside)
 
@@ -105,9 +109,9 @@ def swap_in(staged: Path, store: Path) -> None:
 def remove_leftovers(store: Path) -> list[Path]:
     """Clear what killed writers of `store` left; call only while holding the store's lock.
 
-    Staging folders of killed imports are removed; an old store renamed aside by a swap that was
-    cut short is put back if nothing replaced it, removed otherwise; temporary files of markers
-    and failure tables are removed. Returns what was removed or restored.
+    Staging folders of killed imports are removed; an old store set aside by a swap that was
+    cut short is put back if the new one never arrived, removed otherwise; temporary files of
+    markers and failure tables are removed. Returns what was removed or restored.
     """
     touched = []
     # `..name.staging-…` are the temporary files of a staged store's failure table
@@ -118,19 +122,24 @@ def remove_leftovers(store: Path) -> list[Path]:
             staging.unlink(missing_ok=True)
         touched.append(staging)
     for aside in _siblings(store, ASIDE_MARK):
-        if aside.name.endswith(FAILURES_SUFFIX):
-            continue  # handled with its folder
-        if not store.exists() and aside.is_dir():
-            aside.replace(store)
+        if not aside.is_dir():
+            continue  # a failure table: handled below or with its folder
+        if not store.exists():  # killed after setting the old store aside: put it back
             if failures_file(aside).exists():
-                failures_file(aside).replace(failures_file(store))
-            else:
+                rename(failures_file(aside), failures_file(store))
+            else:  # the new store's table may have arrived already
                 failures_file(store).unlink(missing_ok=True)
+            rename(aside, store)
         else:
             remove_folder_and_failures(aside)
         touched.append(aside)
-    for stray in _siblings(store, ASIDE_MARK):  # a failure table whose folder is gone
-        stray.unlink(missing_ok=True)
+    for table in _siblings(store, ASIDE_MARK):
+        # its folder never left `store` (killed between the two renames of the old store)
+        if not failures_file(store).exists() and store.exists():
+            rename(table, failures_file(store))
+        else:
+            table.unlink(missing_ok=True)
+        touched.append(table)
     temp_pattern = glob.escape(str(store.with_name(f".{store.name}{FAILURES_SUFFIX}"))) + ".tmp-*"
     for temp in map(Path, glob.glob(temp_pattern)):
         temp.unlink(missing_ok=True)
