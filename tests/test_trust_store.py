@@ -259,7 +259,8 @@ def test_import_overwrite_keeps_one_whole_store_at_every_kill_point(tmp_path, ma
             pass
         values = open_store(target).read()
         assert np.array_equal(values, old) or np.array_equal(values, new), kill_at
-        assert sorted(p.name for p in target.parent.iterdir()) == ["e", "e.failures.parquet"], kill_at
+        left = sorted(p.name for p in target.parent.iterdir())
+        assert left == ["e", "e.failures.parquet"], kill_at
 
 
 def test_leftovers_of_killed_runs_are_removed_on_the_next_run(imported, tmp_path):
