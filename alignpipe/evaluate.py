@@ -15,6 +15,7 @@ same name (stores under another cache root) is refused, not replaced; ``output``
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -166,14 +167,15 @@ def result_name(kind: str, split: str, stores: list[LatentStore], options: list[
                       *(store_tag(s) for s in stores)])
 
 
-def _output_path(output, run, stem: str, produced_by: dict) -> Path:
-    if output is not None:
-        path = Path(output)
-    else:
-        path = (Path(run) if run is not None else Path.cwd()) / f"{stem}.json"
-        _refuse_foreign(path, produced_by)
+def _output_path(output, run, stem: str, produced_by) -> tuple[Path, dict]:
+    """Where the result goes, and `produced_by(folder)`: what made it, paths relative to there."""
+    path = Path(output) if output is not None else (
+        (Path(run) if run is not None else Path.cwd()) / f"{stem}.json")
+    made = produced_by(path.parent)
+    if output is None:
+        _refuse_foreign(path, made)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+    return path, made
 
 
 def _refuse_foreign(path: Path, produced_by: dict) -> None:
@@ -188,9 +190,15 @@ def _refuse_foreign(path: Path, produced_by: dict) -> None:
             f"write this one elsewhere")
 
 
-def _produced_by(kind: str, split: str, run, stores: dict, **options) -> dict:
-    return {"kind": kind, "split": split, "run": str(Path(run).resolve()) if run else None,
-            "stores": {k: str(Path(s.path).resolve()) for k, s in stores.items()}, **options}
+def _produced_by(kind: str, split: str, run, stores: dict, **options) -> Callable[[Path], dict]:
+    """What made a result, given the result's folder: run and store paths are recorded relative
+    to it, so a project moved as a whole still recognises its own results."""
+    def made(folder: Path) -> dict:
+        def rel(p) -> str:
+            return os.path.relpath(Path(p).resolve(), Path(folder).resolve())
+        return {"kind": kind, "split": split, "run": rel(run) if run else None,
+                "stores": {k: rel(s.path) for k, s in stores.items()}, **options}
+    return made
 
 
 def _public(info: dict) -> dict:
@@ -227,7 +235,7 @@ def eval_retrieval(run, store_a, store_b, *, split: str = "test", identity: bool
     rows, note, warnings = _rows_to_score(manifest, split, info)
     produced_by = _produced_by("retrieval", split, run, {"a": a, "b": b})
     stem = result_name("retrieval", split, [a, b], ["identity"] if identity else [])
-    path = _output_path(output, run, stem, produced_by)
+    path, produced_by = _output_path(output, run, stem, produced_by)
     kept, _ = valid_rows([a, b], rows)
     if kept.size == 0:
         raise AlignpipeError(f"no rows of split {split!r} are valid in both {a.path} and "
@@ -393,7 +401,7 @@ def eval_zeroshot(run, query_store, prompts_store, *, split: str = "test",
                                class_embedding=class_embedding)
     stem = result_name("zeroshot", split, [q, p],
                        [class_embedding, *(["identity"] if identity else [])])
-    path = _output_path(output, run, stem, produced_by)
+    path, produced_by = _output_path(output, run, stem, produced_by)
     valid, _ = valid_rows([q], rows)
     if valid.size == 0:
         raise AlignpipeError(f"no valid rows of split {split!r} in {q.path}")

@@ -118,6 +118,23 @@ def test_eval_retrieval_of_both_runs_after_the_move(project, tmp_path):
     assert loaded.method.anchors["a"].shape[0] == 24
 
 
+def test_a_rerun_eval_after_the_project_moved_again_replaces_its_own_result(project, tmp_path):
+    # The default-named result in the run folder records its run and stores relative to itself:
+    # after a move it is still this eval's own result, not "the result of another eval".
+    shutil.copytree(project, tmp_path / "here")
+    for where in ("here", "there"):
+        if where == "there":
+            shutil.move(tmp_path / "here", tmp_path / "there")
+        image, text = _stores(tmp_path / where)
+        run = tmp_path / where / "runs" / "asif"
+        result = cli("eval", "retrieval", image, text, "--run", run, "--device", "cpu",
+                     "--split", "all")
+        assert result.exit_code == 0, result.output
+        written = json.loads((run / "eval-retrieval-all__m-test-vit__m-test-text.json")
+                             .read_text())
+        assert written["produced_by"]["stores"]["a"] == "../../cache/m/test-vit"
+
+
 def test_stores_that_cannot_be_found_are_one_line_saying_how_to_point_at_them(project,
                                                                              tmp_path):
     first = tmp_path / "first"  # a copy of the project, fitted, then moved
