@@ -140,6 +140,58 @@ def test_item1_nonfinite_validation_is_flagged_and_never_best(data, tmp_path, mo
     assert not summary.best_val.get("nonfinite")
 
 
+def test_item1_heads_with_nonfinite_encodings_are_not_the_kept_checkpoint(data, tmp_path,
+                                                                          monkeypatch):
+    """Epoch 2's heads encode to NaN, epoch 3's loss is NaN: a resume starts from epoch 1."""
+    holder, calls = {}, {"n": 0}
+    real_fit, real_encode = HeadsMethod.fit, HeadsMethod.encode
+
+    def remember(self, train, val, loop=None):
+        holder["method"] = self
+        return real_fit(self, train, val, loop)
+
+    def encode(self, side, latents):  # called by validation only: calls 3 and 4 are epoch 2
+        calls["n"] += 1
+        out = real_encode(self, side, latents)
+        return torch.full_like(out, float("nan")) if calls["n"] in (3, 4) else out
+
+    def poison(epoch):
+        if epoch == 2:
+            with torch.no_grad():
+                holder["method"].model["a"].weight.fill_(float("nan"))
+
+    monkeypatch.setattr(HeadsMethod, "fit", remember)
+    monkeypatch.setattr(HeadsMethod, "encode", encode)
+    monkeypatch.setattr(loop_module, "_after_epoch", poison)
+    out = tmp_path / "r"
+    with pytest.raises(AlignpipeError, match=r"loss became nan at epoch 3 .*checkpoint of "
+                                             r"epoch 1 is kept"):
+        fit(data.store_a, data.store_b, method="linear", out=out, progress=False,
+            overrides=LINEAR)
+    monkeypatch.undo()
+    assert read_tensor_metadata(out / "checkpoint.safetensors")["epoch"] == "1"
+    assert json.loads((out / "diverged.json").read_text())["checkpoint_epoch"] == 1
+    assert read_metrics(out)[1]["val"]["nonfinite"] is True
+    result = runner.invoke(app, ["fit", "--out", str(out), "--resume", "--no-progress",
+                                 "--lr", "0.0005"])
+    assert result.exit_code == 0, result.output
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
+    assert not any(m["val"].get("nonfinite") for m in read_metrics(out))
+
+
+def test_item1_no_finite_validation_at_all_keeps_nothing(data, tmp_path, monkeypatch):
+    def encode(self, side, latents):
+        return torch.full((len(latents), 8), float("nan"))
+
+    monkeypatch.setattr(HeadsMethod, "encode", encode)
+    out = tmp_path / "r"
+    with pytest.raises(AlignpipeError, match=r"no epoch gave finite encodings on the val split "
+                                             r"\(epochs 1, 2, 3\).*nothing is kept; start again"):
+        fit(data.store_a, data.store_b, method="linear", out=out, progress=False,
+            overrides=LINEAR)
+    assert not out.exists()
+
+
 # ---- item 5: a resume keeps the batch and schedule it started with ------------------------------
 def test_item5_resume_reuses_the_recorded_plan_with_less_memory(data, tmp_path, monkeypatch):
     from alignpipe.fit.loop import step_bytes

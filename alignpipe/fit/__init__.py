@@ -194,7 +194,8 @@ def _run(a, b, manifest, method: str, cfg: dict, out: Path, state: str, device,
             raise AlignpipeError(
                 f"{out}: no epoch gave finite encodings on the val split (epochs "
                 f"{', '.join(str(m['epoch']) for m in history)}): the heads diverged and "
-                f"none is usable; see {out / LOG}")
+                f"none is usable, so nothing is kept; start again with a lower lr, "
+                f"--set grad_clip=1 or --set precision=fp32")
         rate = trainer.pairs_seen / max(trainer.train_seconds, 1e-9)
         epochs, best_epoch, batch = cfg["epochs"], trainer.best_epoch, trainer.batch
         steps = trainer.total_steps

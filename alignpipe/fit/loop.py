@@ -258,6 +258,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(method.parameter_groups(self.cfg["weight_decay"]),
                                       lr=self.cfg["lr"], betas=(0.9, 0.999))
         start, self.best_value, self.best_epoch = self._restore(method, optimizer, checkpoint)
+        self.checkpoint_epoch = start
         with _progress_bar(self.progress, self.total_steps, start * self.steps_per_epoch,
                            self.log.console) as bar:
             losses = []
@@ -313,7 +314,7 @@ class Trainer:
             return
         bad = (~torch.isfinite(self.step_losses)).nonzero()
         step = int(bad[0]) + 1 if bad.numel() else 0
-        kept = self.history[-1]["epoch"] if self.history else 0
+        kept = self.checkpoint_epoch
         if kept:
             keep = (f"the checkpoint of epoch {kept} is kept: `--resume` continues from it and "
                     f"may change {', '.join(RETUNABLE)} (e.g. --resume --lr "
@@ -321,8 +322,8 @@ class Trainer:
             _atomic_write(self.out / DIVERGED, json.dumps(
                 {"epoch": epoch, "step": step, "loss": str(loss), "checkpoint_epoch": kept}))
         else:
-            keep = ("no epoch had finished, so nothing is kept; start again with a lower lr, "
-                    "--set grad_clip=1 or --set precision=fp32")
+            keep = ("no good checkpoint was saved yet, so nothing is kept; start again with a "
+                    "lower lr, --set grad_clip=1 or --set precision=fp32")
         message = (f"training loss became {loss} at epoch {epoch} (step {step} of "
                    f"{self.steps_per_epoch}): the run diverged and was stopped; {keep}")
         self.log(message)
@@ -356,17 +357,22 @@ class Trainer:
         self.history.append(record)
         with open(self.out / METRICS, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        tensors = {**{f"model.{k}": v for k, v in heads.items()},
-                   **_optimizer_tensors(method, optimizer)}
-        save_tensors(self.out / CHECKPOINT, tensors,
-                     {"epoch": epoch, "best_value": self.best_value,
-                      "best_epoch": self.best_epoch, "format": CHECKPOINT_FORMAT,
-                      "plan": json.dumps(self.plan)})
+        # Heads that encode to NaN/inf are not a good checkpoint: a resume from them (after a
+        # divergence, with a lower lr) would diverge at once. The last finite one stays.
+        if not val_metrics.get("nonfinite"):
+            tensors = {**{f"model.{k}": v for k, v in heads.items()},
+                       **_optimizer_tensors(method, optimizer)}
+            save_tensors(self.out / CHECKPOINT, tensors,
+                         {"epoch": epoch, "best_value": self.best_value,
+                          "best_epoch": self.best_epoch, "format": CHECKPOINT_FORMAT,
+                          "plan": json.dumps(self.plan)})
+            self.checkpoint_epoch = epoch
         self.log(f"epoch {epoch}: loss {loss:.4f}, val mean recall "
                  f"{val_metrics.get('mean_recall', float('nan')):.2f}"
                  + (" (best)" if improved else "")
                  + (f"; non-finite encodings of {val_metrics['nonfinite_rows']} val rows: "
-                    f"never chosen as best" if val_metrics.get("nonfinite") else ""))
+                    f"never chosen as best, checkpoint of epoch {self.checkpoint_epoch} kept"
+                    if val_metrics.get("nonfinite") else ""))
         # A plot costs ~0.1 s: redraw at the end, and during long runs at most every PLOT_EVERY_S.
         if epoch == self.cfg["epochs"] or time.perf_counter() - self.last_plot > PLOT_EVERY_S:
             _plot_curves(self.out, self.history, self.names)
