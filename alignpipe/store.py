@@ -47,6 +47,7 @@ from alignpipe.storefiles import (
     remove_empty_folders,
     remove_folder_and_failures,
     remove_leftovers,
+    set_aside,
     staging_path,
     swap_in,
 )
@@ -551,6 +552,9 @@ def open_store(path: str | Path, manifest: Manifest | None = None,
                mode: str = "r") -> LatentStore:
     """Open a store; with `manifest`, also check it was built from exactly that manifest."""
     path = Path(path)
+    if not path.exists() and set_aside(path):
+        with lock_store(path):  # an import killed mid-swap set the old store aside: put it back
+            pass
     if not path.exists():
         raise StoreError(f"{path}: no such store")
     if not is_store(path):

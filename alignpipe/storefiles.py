@@ -106,6 +106,11 @@ def swap_in(staged: Path, store: Path) -> None:
     remove_folder_and_failures(aside)
 
 
+def set_aside(store: Path) -> list[Path]:
+    """Old stores that a swap cut short left beside `store` (put back by `remove_leftovers`)."""
+    return [p for p in _siblings(store, ASIDE_MARK) if p.is_dir()]
+
+
 def remove_leftovers(store: Path) -> list[Path]:
     """Clear what killed writers of `store` left; call only while holding the store's lock.
 

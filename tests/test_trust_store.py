@@ -263,6 +263,32 @@ def test_import_overwrite_keeps_one_whole_store_at_every_kill_point(tmp_path, ma
         assert left == ["e", "e.failures.parquet"], kill_at
 
 
+def test_a_reader_finds_the_store_an_import_killed_mid_swap_set_aside(tmp_path, manifest,
+                                                                      monkeypatch):
+    options = {"manifest": manifest.path, "modality": "text", "encoder": "e", "unit_rows": 50}
+    old = np.full((100, 8), 1.0, np.float32)
+    np.save(tmp_path / "old.npy", old)
+    np.save(tmp_path / "new.npy", old + 1)
+    target = Path(import_latents(tmp_path / "old.npy", cache=tmp_path / "c", **options)["path"])
+    real_rename = storefiles.rename
+    calls = []
+
+    def rename(source, target):
+        if len(calls) == 2:  # both parts of the old store are aside, the new one not yet in
+            raise KeyboardInterrupt
+        calls.append(source)
+        real_rename(source, target)
+
+    monkeypatch.setattr(storefiles, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        import_latents(tmp_path / "new.npy", cache=tmp_path / "c", overwrite=True, **options)
+    monkeypatch.setattr(storefiles, "rename", real_rename)
+    assert not target.exists()
+    result = CliRunner().invoke(app, ["info", str(target)])  # a reader, not a writer
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(open_store(target).read(), old)
+
+
 def test_leftovers_of_killed_runs_are_removed_on_the_next_run(imported, tmp_path):
     store, _ = imported
     staging = store.path.with_name(f".{store.path.name}.staging-deadbeef")
