@@ -561,9 +561,14 @@ def open_store(path: str | Path, manifest: Manifest | None = None,
         raise StoreError(f"{path}: not an alignpipe latent store (no Zarr group with 'latents')")
     try:
         group = zarr.open_group(path, mode=mode)
-    except Exception as err:  # zarr raises several types for a damaged group
-        raise StoreError(f"{path}: cannot open store: {err}") from None
-    store = LatentStore(path=path, group=group)
+        store = LatentStore(path=path, group=group)
+        for name in ("latents", "valid"):  # their zarr.json are read here, not at first use
+            getattr(store, name)
+    except KeyError as err:
+        raise StoreError(f"{path}: damaged store: its {err.args[0]!r} array is missing") from None
+    except Exception as err:  # zarr raises several types for a damaged group or array
+        raise StoreError(f"{path}: damaged store, its metadata (zarr.json) cannot be read: "
+                         f"{err}") from None
     for key in ("encoder", "modality", "manifest", "unit_rows"):
         if key not in store.attrs:
             raise StoreError(f"{path}: store attrs lack {key!r}; was it written by alignpipe?")

@@ -231,6 +231,20 @@ def test_embed_rerun_redoes_only_the_damaged_unit(tmp_path):
     np.testing.assert_array_equal(store.latents[:], before)
 
 
+@pytest.mark.parametrize("damage", ["garbage", "missing"])
+def test_damaged_array_metadata_is_one_line(imported, damage):
+    store, _ = imported
+    meta = store.path / ("latents" if damage == "garbage" else "valid") / "zarr.json"
+    if damage == "garbage":
+        meta.write_text('{"zarr_format": 3, "node_type": "array", garbage')
+    else:
+        meta.unlink()
+    result = CliRunner().invoke(app, ["info", str(store.path)])
+    assert result.exit_code == 2, result.output
+    assert f"{store.path}: damaged store" in result.output
+    assert "Traceback" not in result.output
+
+
 # ---- item 21: atomic import --overwrite, leftovers -----------------------------------------------
 def test_import_overwrite_keeps_one_whole_store_at_every_kill_point(tmp_path, manifest,
                                                                      monkeypatch):
