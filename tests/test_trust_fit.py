@@ -279,6 +279,22 @@ def test_item9_overwrite_clears_eval_results(data, tmp_path):
     assert "notes.txt" in left and (out / "run.json").exists()
 
 
+def test_item9_overwrite_clears_eval_results_under_any_name(data, tmp_path):
+    from alignpipe.evaluate import eval_retrieval
+
+    out = tmp_path / "r"
+    fit(data.store_a, data.store_b, method="linear", out=out, progress=False, overrides=LINEAR)
+    eval_retrieval(out, data.store_a, data.store_b, split="test", output=out / "mine.json")
+    assert {"mine.json", "mine.md"} <= {p.name for p in out.iterdir()}
+    (out / "other.json").write_text(json.dumps({"produced_by": {"run": "."}}))  # not a result
+    (out / "mine.txt").write_text("notes")
+    fit(data.store_a, data.store_b, method="linear", out=out, progress=False,
+        overrides={**LINEAR, "lr": 0.002}, overwrite=True)
+    left = {p.name for p in out.iterdir()}
+    assert not {"mine.json", "mine.md", "mine.png"} & left, left
+    assert {"other.json", "mine.txt", "run.json"} <= left
+
+
 # ---- item 20: one writer per run folder ---------------------------------------------------------
 def test_item20_a_second_writer_of_a_run_folder_is_refused(data, tmp_path, monkeypatch):
     out = tmp_path / "r"

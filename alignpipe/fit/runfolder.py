@@ -325,17 +325,33 @@ def run_lock(out: Path):
 
 def clear_run_folder(out: Path) -> list[str]:
     """Remove everything alignpipe wrote into a run folder: the run's files, eval results
-    written there (``eval-*``), and temp files of killed writers. Returns what was removed;
-    other files (a user's notes) stay."""
+    written there (``eval-*``, or any name given to ``eval --output``), and temp files of killed
+    writers. Returns what was removed; other files (a user's notes) stay."""
     removed = []
     if not out.is_dir():
         return removed
+    results = {p.with_suffix("") for p in out.glob("*.json") if _eval_of_this_run(p)}
     for path in sorted(out.iterdir()):
-        if path.is_file() and (path.name in RUN_FILES or path.name.startswith(EVAL_PREFIX)):
+        if path.is_file() and (path.name in RUN_FILES or path.name.startswith(EVAL_PREFIX)
+                               or (path.suffix in (".json", ".md", ".png")
+                                   and path.with_suffix("") in results)):
             path.unlink(missing_ok=True)
             removed.append(path.name)
     remove_temp_files(out)
     return removed
+
+
+def _eval_of_this_run(path: Path) -> bool:
+    """A result `alignpipe eval --run FOLDER --output FOLDER/NAME.json` wrote under any name."""
+    try:
+        if path.stat().st_size > 64 << 20:
+            return False
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    produced = result.get("produced_by") if isinstance(result, dict) else None
+    return (isinstance(produced, dict) and produced.get("run") == "."
+            and isinstance(result.get("heads"), dict))
 
 
 def _prepare_folder(out: Path, identity: dict, resume: bool, overwrite: bool) -> str:
