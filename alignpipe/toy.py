@@ -13,6 +13,7 @@ colour×shape class; ``split`` is drawn per scene, so captions of one scene neve
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import pyarrow as pa
 import soundfile as sf
 from PIL import Image, ImageDraw
 
+from alignpipe.fsutil import os_errors
 from alignpipe.manifest import write_manifest
 
 COLOURS = {  # name: (RGB, words for it, tone in Hz)
@@ -188,13 +190,20 @@ def make_toy(out: str | Path, rows: int = 600, seed: int = 0, captions_per_item:
         image_rel = f"images/{folder}/{item:06d}.{scene.fmt}"
         audio_rel = f"audio/{folder}/{item:06d}.wav"
         for path in (out / image_rel, out / audio_rel):
-            path.parent.mkdir(parents=True, exist_ok=True)
+            with os_errors(path):
+                path.parent.mkdir(parents=True, exist_ok=True)
         image = render_image(scene)
-        if scene.fmt == "png":
-            image.save(out / image_rel, format="PNG", optimize=True)
-        else:
-            image.save(out / image_rel, format="JPEG", quality=85)
-        sf.write(out / audio_rel, render_audio(scene), SAMPLE_RATE, subtype="PCM_U8")
+        # A full disk or read-only folder is one line naming the file (libsndfile's own error
+        # says "System error"): encode in memory, write the bytes here. A rerun rewrites all.
+        with os_errors(out / image_rel):
+            if scene.fmt == "png":
+                image.save(out / image_rel, format="PNG", optimize=True)
+            else:
+                image.save(out / image_rel, format="JPEG", quality=85)
+        audio = io.BytesIO()
+        sf.write(audio, render_audio(scene), SAMPLE_RATE, subtype="PCM_U8", format="WAV")
+        with os_errors(out / audio_rel):
+            (out / audio_rel).write_bytes(audio.getvalue())
         for k in range(captions_per_item):
             row = item * captions_per_item + k
             if row >= rows:

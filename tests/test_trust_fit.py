@@ -8,6 +8,8 @@ damaged run folders (23), `--resume` alone (26), small-data warnings (28).
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -465,3 +467,40 @@ def test_item28_asif_topk_above_the_anchors_says_so(data, tmp_path):
     fine = fit(data.store_a, data.store_b, method="asif", out=tmp_path / "s",
                progress=False, overrides={"topk": 40})
     assert not any("topk" in w for w in fine.warnings)
+
+
+# ---- item 17: a full disk during a fit -----------------------------------------------------------
+def test_item17_a_full_disk_mid_fit_is_one_line_naming_the_file_and_resume_finishes(
+        data, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    import alignpipe.fit.runfolder as runfolder_module
+    from alignpipe.fit.runfolder import RunLog
+    from alignpipe.fsutil import DiskError
+
+    out, ref = tmp_path / "r", tmp_path / "ref"
+    fit(data.store_a, data.store_b, method="linear", out=ref, progress=False, overrides=LINEAR)
+    real, calls = runfolder_module.save_file, []
+
+    def full_in_epoch_2(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) > 3:  # epoch 1 wrote heads-last, heads-best and the checkpoint
+            raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                                  "(os error 28)")  # what safetensors raises, no OSError
+        real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(runfolder_module, "save_file", full_in_epoch_2)
+    result = runner.invoke(app, ["fit", str(data.store_a), str(data.store_b), "--method",
+                                 "linear", "--out", str(out), "--no-progress",
+                                 *(f"--set={k}={v}" for k, v in LINEAR.items())])
+    assert result.exit_code == DiskError.exit_code, result.output
+    assert result.output.startswith(f"error: {out / 'heads-last.safetensors'}: no space left")
+    assert "Traceback" not in result.output and len(result.output.splitlines()) == 1
+    monkeypatch.setattr(runfolder_module, "save_file", real)
+    fit(data.store_a, data.store_b, method="linear", out=out, progress=False, overrides=LINEAR,
+        resume=True)
+    assert _heads_equal(out / "heads-best.safetensors", ref / "heads-best.safetensors")
+    # a write error without a file name (a log line on a full disk) still names the file
+    if os.path.exists("/dev/full"):
+        with pytest.raises(DiskError, match="^/dev/full: no space left"):
+            RunLog(Path("/dev/full"), echo=False)("a line")

@@ -307,3 +307,32 @@ def test_cli_split_fractions(tmp_path):
     assert result.exit_code == 0, result.output
     # Same ids and seed: the same split as assigning it while building.
     assert read_manifest(resplit).column("split") == read_manifest(out).column("split")
+
+
+# ---- item 17: a full disk while making the toy dataset -----------------------------------------
+@pytest.mark.parametrize("fails", ["image", "audio"])
+def test_a_full_disk_making_the_toy_data_names_the_file_and_a_rerun_makes_it(tmp_path,
+                                                                             monkeypatch, fails):
+    import errno
+
+    from PIL import Image
+
+    from alignpipe.toy import folder_digest, make_toy
+
+    def full(*args, **kwargs):  # as PIL raises it: no file name in the error
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if fails == "image":
+        monkeypatch.setattr(Image.Image, "save", full)
+        where = tmp_path / "toy" / "images" / "000" / "000000.png"
+    else:  # libsndfile says only "System error": the toy encodes in memory and writes bytes
+        monkeypatch.setattr(Path, "write_bytes", full)
+        where = tmp_path / "toy" / "audio" / "000" / "000000.wav"
+    result = CliRunner().invoke(app, ["manifest", "toy", str(tmp_path / "toy"), "--rows", "4"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: {where}: no space left on the device")
+    monkeypatch.undo()
+    assert CliRunner().invoke(app, ["manifest", "toy", str(tmp_path / "toy"), "--rows", "4"]
+                         ).exit_code == 0
+    make_toy(tmp_path / "ref", rows=4)
+    assert folder_digest(tmp_path / "toy") == folder_digest(tmp_path / "ref")

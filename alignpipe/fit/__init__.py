@@ -67,6 +67,7 @@ from alignpipe.fit.runfolder import (
     run_state,
     save_tensors,
 )
+from alignpipe.fsutil import os_errors
 from alignpipe.latents import (
     load_pairs,
     open_pair,
@@ -154,7 +155,8 @@ def _fit(store_a, store_b, *, method: str, out, config=None, overrides: dict | N
             {**identity, "manifest": a.manifest_info, "alignpipe_version": __version__},
             sort_keys=False))
     try:
-        return _run(a, b, manifest, method, cfg, out, state, device, progress, started)
+        with os_errors(out):  # a full disk or read-only folder is one line naming the path
+            return _run(a, b, manifest, method, cfg, out, state, device, progress, started)
     except AlignpipeError:
         # A run refused before its first checkpoint leaves nothing behind to "resume".
         if state == "new" and not (out / CHECKPOINT).exists():

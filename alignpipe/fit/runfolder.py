@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -20,6 +21,7 @@ from alignpipe.fsutil import (
     atomic_path,
     atomic_write_bytes,
     exclusive_lock,
+    os_errors,
     remove_temp_files,
 )
 from alignpipe.latents import as_store, encoder_identity, resolve_device, storage_dtype
@@ -218,8 +220,15 @@ def _atomic_write(path: Path, data: bytes | str) -> None:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
     """safetensors, atomically: a kill leaves the old file or the new one, never half of one."""
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                      metadata={k: str(v) for k, v in (metadata or {}).items()})
+        except SafetensorError as exc:  # its I/O errors are no OSError: a full disk is one line
+            code = re.search(r"os error (\d+)", str(exc))
+            if code is None:
+                raise
+            errno = int(code.group(1))
+            raise OSError(errno, os.strerror(errno), str(path)) from exc
 
 
 def read_identity(out: Path) -> dict | None:
@@ -422,7 +431,7 @@ class RunLog:
 
     def __call__(self, line: str) -> None:
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        with open(self.path, "a") as handle:
+        with os_errors(self.path), open(self.path, "a") as handle:
             handle.write(f"{stamp} {line}\n")
         if self.echo:
             self.console.print(line, markup=False, highlight=False)
