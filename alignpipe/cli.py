@@ -436,9 +436,11 @@ def eval_retrieval(
 @eval_app.command("zeroshot")
 @friendly
 def eval_zeroshot(
-    query_store: Annotated[Path, typer.Argument(help="Store to classify (manifest has label).")],
+    query_store: Annotated[Path, typer.Argument(
+        help="Store to classify (its manifest has label, and class_id if the prompts have it).")],
     prompts_store: Annotated[Path, typer.Argument(
-        help="Store of the class prompts (one row per class × template, class in label).")],
+        help="Store of the class prompts (one row per class × template, class in label, "
+             "keyed by class_id when both manifests have one).")],
     run: RunOption = None,
     identity: IdentityOption = False,
     split: EvalSplitOption = "test",
@@ -606,7 +608,7 @@ def manifest_prompts(
         help="clip80, asif7, photo, or a file with one template per line ('{}' = class).")
     ] = "clip80",
 ) -> None:
-    """Zero-shot prompts: one row (id, text, label) per class × template."""
+    """Zero-shot prompts: one row (id, text, label; imagenet: class_id) per class × template."""
     from alignpipe.builders import build_prompts
 
     _print_built(build_prompts(out, classes=classes, template_set=templates))
