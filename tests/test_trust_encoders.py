@@ -171,6 +171,17 @@ def test_unreachable_hub_fails_at_once_without_retries(no_hub, monkeypatch, name
     assert constants.HF_HUB_OFFLINE is False  # offline mode was switched on only for the load
 
 
+def test_embed_of_an_hf_id_fails_at_once_without_retries(no_hub, monkeypatch, tmp_path):
+    # embed reads an hf: id's config (for its modality) before it loads the encoder
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    toy = Path(__file__).resolve().parents[1] / "data_manifests" / "toy" / "toy.parquet"
+    with pytest.raises(EncoderError, match=r"127\.0\.0\.1:9 is unreachable.*--weights PATH"):
+        embed(toy, "hf:facebook/dinov2-small", tmp_path / "cache", progress=False)
+    assert no_hub == []  # no backoff sleeps
+
+
 def test_hf_hub_offline_fails_at_once_and_says_why(no_hub, monkeypatch):
     from huggingface_hub import constants
 

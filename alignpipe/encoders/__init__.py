@@ -68,7 +68,8 @@ def resolve_spec(spec: EncoderSpec, source: WeightsSource,
         return spec, None
     from alignpipe.encoders.hf import load_config
 
-    config = load_config(spec, source)
+    with fail_fast():  # embed reads the config before it loads: no network, no minutes of retries
+        config = load_config(spec, source)
     backend, resolved = _auto_backend(config, modality)
     pooling = {"image": "cls", "text": "mean", "audio": None}[resolved]
     defaults = {"hf-whisper": "mean", "hf-ast": "cls+dist", "hf-clap": "projection",
