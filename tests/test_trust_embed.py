@@ -251,7 +251,9 @@ def test_resuming_in_another_compute_dtype_is_refused(toy_dir, tmp_path):
                                                  ("test-vit", "text", "text"),
                                                  ("test-audio", "image", "image file paths")])
 def test_a_column_of_another_modality_is_refused(toy_dir, tmp_path, encoder, column, held):
-    with pytest.raises(EmbedError, match=f"--column {column} holds {held}, but {encoder} is"):
+    kind = {"test-text": "a text", "test-vit": "an image", "test-audio": "an audio"}[encoder]
+    with pytest.raises(EmbedError, match=f"--column {column} holds {held}, but {encoder} is "
+                                         f"{kind} encoder"):
         embed(toy_dir / "toy.parquet", encoder, tmp_path, column=column, progress=False)
     assert not (tmp_path / "toy").exists()
 

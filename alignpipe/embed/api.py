@@ -131,9 +131,10 @@ def check_column(column: str, modality: str, encoder: str) -> None:
     if column not in MEDIA_COLUMNS or column == modality:
         return
     held = f"{column} file paths" if column in PATH_COLUMNS else "text"
-    raise EmbedError(f"--column {column} holds {held}, but {encoder} is a {modality} encoder; "
-                     f"give a column of {modality} (the default is --column {modality}) or "
-                     f"an encoder for {column}")
+    article = "an" if modality[0] in "aeiou" else "a"
+    raise EmbedError(f"--column {column} holds {held}, but {encoder} is {article} {modality} "
+                     f"encoder; give a column of {modality} (the default is --column "
+                     f"{modality}) or an encoder for {column}")
 
 
 def make_request(encoder: str, *, column: str | None, weights, image_size: int | None,
