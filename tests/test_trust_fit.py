@@ -192,6 +192,14 @@ def test_item1_no_finite_validation_at_all_keeps_nothing(data, tmp_path, monkeyp
         fit(data.store_a, data.store_b, method="linear", out=out, progress=False,
             overrides=LINEAR)
     assert not out.exists()
+    given = tmp_path / "given"  # a folder that was there before: emptied, not left "not a run"
+    given.mkdir()
+    with pytest.raises(AlignpipeError, match="nothing is kept"):
+        fit(data.store_a, data.store_b, method="linear", out=given, progress=False,
+            overrides=LINEAR)
+    assert list(given.iterdir()) == []
+    monkeypatch.undo()
+    fit(data.store_a, data.store_b, method="linear", out=given, progress=False, overrides=LINEAR)
 
 
 # ---- item 5: a resume keeps the batch and schedule it started with ------------------------------

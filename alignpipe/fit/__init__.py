@@ -56,6 +56,7 @@ from alignpipe.fit.runfolder import (
     RunLog,
     _atomic_write,
     _prepare_folder,
+    clear_run_folder,
     load_run,
     locate_store,
     read_identity,
@@ -158,10 +159,10 @@ def _fit(store_a, store_b, *, method: str, out, config=None, overrides: dict | N
         with os_errors(out):  # a full disk or read-only folder is one line naming the path
             return _run(a, b, manifest, method, cfg, out, state, device, progress, started)
     except AlignpipeError:
-        # A run refused before its first checkpoint leaves nothing behind to "resume".
+        # A run refused (or diverged) before its first good checkpoint leaves nothing behind to
+        # "resume", not even heads: a leftover file would make the folder "not a run".
         if state == "new" and not (out / CHECKPOINT).exists():
-            for name in (CONFIG, LOG, METRICS, ANCHORS):
-                (out / name).unlink(missing_ok=True)
+            clear_run_folder(out)
             if created:
                 shutil.rmtree(out, ignore_errors=True)
         raise
