@@ -128,7 +128,7 @@ def _rows_to_score(manifest, split: str, info: dict, hint: str = "") -> tuple[np
     refused rather than scoring every row, training rows included; ``all`` scores every row.
     """
     trained = manifest.sha256 in info["_trained_on"]
-    run_rows = f"the rows run {info.get('run')} was fitted on" if trained else ""
+    run_rows = f"the rows the run in {info.get('run')} was fitted on" if trained else ""
     if split == ALL_ROWS:
         note = "all rows" + (f", including {run_rows}" if trained else "")
         warnings = [f"scored every row of {manifest.path.name}, including {run_rows}: not a "
@@ -136,8 +136,10 @@ def _rows_to_score(manifest, split: str, info: dict, hint: str = "") -> tuple[np
         return np.arange(manifest.rows, dtype=np.int64), note, warnings
     if not manifest.has("split"):
         raise AlignpipeError(
-            f"{manifest.path}: has no split column, so it has no {split!r} rows; pass --split "
-            f"{ALL_ROWS} to score every row" + (f" (including {run_rows})" if trained else "")
+            f"{manifest.path}: has no split column, so it has no {split!r} rows; ask for split "
+            f"{ALL_ROWS!r} (--split {ALL_ROWS}, or split: {ALL_ROWS} in a pipeline) to score "
+            f"every row" + (f" (including {run_rows})" if trained else "")
+            + ", or give the manifest a split column (alignpipe manifest split)"
             + (f"; {hint}" if hint else ""))
     return split_rows(manifest, split), split, []
 

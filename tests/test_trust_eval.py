@@ -175,13 +175,14 @@ def test_split_test_without_a_split_column_is_refused(tmp_path):
     fit(data.store_a, data.store_b, method="asif", out=run, overrides={"topk": 8},
         progress=False)
     with pytest.raises(AlignpipeError, match=r"has no split column, so it has no 'test' rows; "
-                                             r"pass --split all .*including the rows run"):
+                                             r"ask for split 'all' .*to score every row "
+                                             r"\(including the rows the run in .*asif was"):
         eval_retrieval(run, data.store_a, data.store_b, output=tmp_path / "x.json")
     with pytest.raises(AlignpipeError, match=r"has no split column"):     # no run: still no test
         eval_retrieval(None, data.store_a, data.store_b, identity=True, split="test")
     everything = eval_retrieval(run, data.store_a, data.store_b, split="all",
                                 output=tmp_path / "all.json")
-    assert everything["pairs"] == 60 and "including the rows run" in everything["split"]
+    assert everything["pairs"] == 60 and "including the rows the run in" in everything["split"]
     assert any("not a held-out number" in w for w in everything["warnings"])
     with pytest.raises(AlignpipeError, match="unknown split 'tset'"):
         eval_retrieval(run, data.store_a, data.store_b, split="tset")
