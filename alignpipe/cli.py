@@ -219,6 +219,9 @@ def embed(
         help="Exit non-zero when more than this fraction of rows fail.")] = 0.01,
     overwrite: Annotated[bool, typer.Option(
         help="Replace a store made with another encoder spec or manifest.")] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Also check finished units' files against their sha256 (reads the "
+        "whole store) and redo the damaged ones.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     list_encoders_: Annotated[bool, typer.Option(
         "--list-encoders", help="List the registered encoders and exit.")] = False,
@@ -250,7 +253,7 @@ def embed(
             image_size=image_size, pooling=pooling, dtype=dtype, latent_dtype=latent_dtype,
             batch_size=batch_size, workers=workers, unit_rows=unit_rows, device=device,
             cluster=cluster, scheduler=scheduler, max_failure_rate=max_failure_rate,
-            overwrite=overwrite, progress=progress)
+            overwrite=overwrite, progress=progress, verify=verify)
     except FailureRateError as err:
         console.print(err.summary.line(), markup=False, highlight=False, soft_wrap=True)
         raise

@@ -290,8 +290,14 @@ class LatentStore:
         done = set(self.done_units())
         return [u for u in range(self.n_units) if u not in done]
 
-    def repair_command(self) -> str:
-        """The command that redoes this store's damaged or missing units."""
+    def forget_units(self, units) -> None:
+        """Remove the completion markers of `units`: the next embed redoes them."""
+        for unit in units:
+            self._marker(unit).unlink(missing_ok=True)
+
+    def repair_command(self, verify: bool = False) -> str:
+        """The command that redoes this store's damaged or missing units; `verify` adds
+        ``--verify`` for damage only checksums find (embed's cheap check would skip it)."""
         encoder, manifest = self.encoder, self.manifest_info.get("path") or "MANIFEST"
         where = ["--cache", self.path.parent.parent, "--dataset", self.path.parent.name]
         if encoder.get("backend") == "import":
@@ -311,7 +317,8 @@ class LatentStore:
                             ("--pooling", "pooling")):
             if request.get(key, encoder.get(key)) is not None:
                 parts += [option, request.get(key, encoder.get(key))]
-        return shlex.join(map(str, [*parts, "--latent-dtype", self.dtype]))
+        return shlex.join(map(str, [*parts, "--latent-dtype", self.dtype,
+                                    *(["--verify"] if verify else [])]))
 
     def damage_message(self, damaged: dict[int, str], detail: str = "") -> str:
         if damaged:
@@ -320,8 +327,10 @@ class LatentStore:
             what = f"{len(damaged)} damaged work unit(s): {shown}{more}"
         else:
             what = f"damaged data ({detail})"
+        # changed bytes of the right size pass the cheap check an embed rerun makes
+        hidden = not damaged or any(not self.unit_problems(u) for u in damaged)
         return (f"{self.path}: {what}; rerun the command that made it to redo them: "
-                f"{self.repair_command()}")
+                f"{self.repair_command(verify=hidden)}")
 
     def require_intact(self) -> None:
         """Raise StoreError naming every damaged unit and the repair command (cheap check)."""

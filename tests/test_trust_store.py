@@ -170,6 +170,34 @@ def test_flipped_byte_is_found_by_verify_and_never_read(imported):
     assert "Traceback" not in result.output
 
 
+def test_a_flipped_byte_in_an_embedded_store_is_redone_by_the_command_it_names(tmp_path,
+                                                                             manifest):
+    # Same size, other bytes: embed's cheap check skips the unit, so the repair command the
+    # message names must ask for --verify, and running it restores the store.
+    from alignpipe.embed import embed
+
+    made = embed(manifest.path, "test-text", tmp_path / "cache", unit_rows=25, workers=1,
+                 progress=False)
+    store = open_store(made.path)
+    before = store.read()
+    path = shard(store, 1)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError) as refused:
+        store.read()
+    command = str(refused.value).split("to redo them: ", 1)[1].split()
+    assert command[:2] == ["alignpipe", "embed"] and command[-1] == "--verify"
+    result = CliRunner().invoke(app, [*command[1:], "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "1 of 4 work units embedded, 3 skipped" in result.output
+    repaired = open_store(store.path)
+    assert repaired.damaged_units(checksums=True) == {}
+    np.testing.assert_array_equal(repaired.read(), before)
+    shard(repaired, 2).unlink()  # damage the cheap check sees needs no --verify
+    assert not repaired.damage_message(repaired.damaged_units()).endswith("--verify")
+
+
 def test_info_reports_damage_and_verifies_an_intact_store(imported):
     store, _ = imported
     ok = CliRunner().invoke(app, ["info", str(store.path), "--verify"])

@@ -244,10 +244,12 @@ def embed(manifest, encoder: str, cache="cache", *, dataset=None, column=None, w
           image_size=None, pooling=None, dtype=None, latent_dtype="float16", batch_size=None,
           workers=None, unit_rows=8192, device=None, cluster=None, scheduler=None,
           max_failure_rate=0.01, overwrite=False, progress=True,
-          decode_timeout: float | None = None) -> EmbedSummary:
+          decode_timeout: float | None = None, verify: bool = False) -> EmbedSummary:
     """Run every row of `manifest` through `encoder` once and fill its latent store.
 
-    Finished work units are skipped, so an interrupted call resumes where it stopped. Raises
+    Finished work units are skipped, so an interrupted call resumes where it stopped; a unit
+    whose files are gone or resized is redone, and with `verify` also one whose bytes no longer
+    match the sha256 its marker recorded (every file is read). Raises
     FailureRateError (after the store is finished) when more than `max_failure_rate` of the
     rows failed.
     """
@@ -278,6 +280,8 @@ def embed(manifest, encoder: str, cache="cache", *, dataset=None, column=None, w
     path = store_path(cache, dataset_name(dataset, manifest), encoder).resolve()
     with lock_store(path):  # held until the store is finished: one writer per store
         store = _resolve_existing(path, request, manifest, overwrite)
+        if verify and store is not None:
+            store.forget_units(store.damaged_units(checksums=True))
         batch, decoders = _defaults(request, _resume_batch(store, batch_size), workers,
                                     device)
         job = Job(manifest=str(manifest.path.resolve()), manifest_sha256=manifest.sha256,
