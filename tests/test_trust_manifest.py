@@ -192,6 +192,21 @@ def test_builders_treat_blank_captions_as_missing_and_keep_csv_quotes_strict(tmp
         build_audiocaps(caps, tmp_path / "m.parquet", check="off")  # caption cut at the comma
 
 
+def test_builders_refuse_a_column_named_twice(tmp_path):
+    write_bytes(tmp_path / "x.jpg", b"x")
+    table = write_bytes(tmp_path / "pairs.csv", b"key,caption,image,key\n1,a cat,x.jpg,2\n")
+    with pytest.raises(ManifestError, match=r"pairs\.csv: column 'key' appears more than once"):
+        build_cc3m(table, tmp_path / "m.parquet", id_column="key")
+    tsv = write_bytes(tmp_path / "pairs.tsv", b"caption\timage\tcaption\na cat\tx.jpg\tb\n")
+    with pytest.raises(ManifestError, match=r"column 'caption' appears more than once"):
+        build_cc3m(tsv, tmp_path / "m.parquet")
+    caps = write_bytes(tmp_path / "ac" / "train.csv",
+                       b"audiocap_id,youtube_id,start_time,caption,caption\n1,yt,0,a,b\n")
+    with pytest.raises(ManifestError, match=r"train\.csv: column 'caption' appears more than"):
+        build_audiocaps(caps, tmp_path / "m.parquet", check="off")
+    assert not (tmp_path / "m.parquet").exists()
+
+
 # ---- item 28: seeded splits ----------------------------------------------------------------------
 def media_folder(root: Path, n: int) -> Path:
     for i in range(n):

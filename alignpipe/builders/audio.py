@@ -83,6 +83,10 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str
         if absent:
             raise ManifestError(f"{path}: missing column(s) {', '.join(absent)} (columns: "
                                 f"{', '.join(header) or 'none'})")
+        twice = [c for c in required if header.count(c) > 1]
+        if twice:  # DictReader would keep the last of them without a word
+            raise ManifestError(f"{path}: column {twice[0]!r} appears more than once in the "
+                                f"header (columns: {', '.join(header)})")
         rows = []
         start = reader.line_num + 1
         for row in reader:

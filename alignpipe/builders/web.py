@@ -52,13 +52,21 @@ def _pick_column(header: list[str], given: str | None, candidates: tuple[str, ..
         if given not in header:
             raise ManifestError(f"{where}: no {what} column {given!r} (columns: "
                                 f"{', '.join(header)})")
-        return header.index(given)
+        return _only_column(header, given, where)
     for name in candidates:
         if name in header:
-            return header.index(name)
+            return _only_column(header, name, where)
     raise ManifestError(f"{where}: cannot tell which column holds the {what} (columns: "
                         f"{', '.join(header)}); name it with --{what}-column. The first line "
                         "must be a header naming the columns")
+
+
+def _only_column(header: list[str], name: str, where: Path) -> int:
+    """Index of `name` in `header`; a name that is there twice would read one of two columns."""
+    if header.count(name) > 1:
+        raise ManifestError(f"{where}: column {name!r} appears more than once in the header "
+                            f"(columns: {', '.join(header)})")
+    return header.index(name)
 
 
 def _csv_rows(path: Path):
@@ -105,7 +113,7 @@ def build_caption_table(source: str | Path, out: str | Path, caption_column: str
     cap = _pick_column(header, caption_column, CAPTION_COLUMNS, "caption", source)
     pth = _pick_column(header, path_column, PATH_COLUMNS, "path", source)
     key = _pick_column(header, id_column, (), "id", source) if id_column else None
-    status = header.index("status") if "status" in header else None
+    status = _only_column(header, "status", source) if "status" in header else None
     root = Path(images) if images is not None else source.parent
     rows = Rows(["id", "image", "text", *(["split"] if split else [])])
     manifest_dir = manifest_dir_of(out)
