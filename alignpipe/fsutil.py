@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import socket
 import uuid
 from collections.abc import Iterator
@@ -43,7 +44,10 @@ def describe_os_error(exc: OSError, path: str | Path | None = None) -> str | Non
     reason = _DISK_ERRORS.get(exc.errno or -1)
     if reason is None:
         return None
-    where = exc.filename or path
+    where = str(exc.filename or path)
+    temp = re.fullmatch(rf"(.*/)?\.(.+){re.escape(TEMP_MARK)}[0-9a-f]{{12}}", where)
+    if temp:  # an atomic write's temporary sibling: name the file it was to become
+        where = (temp.group(1) or "") + temp.group(2)
     return (f"{where}: {reason} while writing; whatever finished before stays valid, so free "
             "the space (or fix the permissions) and run the same command again to resume")
 

@@ -126,6 +126,10 @@ def test_disk_errors_name_the_path():
     with pytest.raises(OSError) as caught, os_errors("/data/x"):
         raise OSError(errno.EIO, "I/O error")  # not a disk-full kind: left alone
     assert not isinstance(caught.value, DiskError)
+    # a failed atomic write names the file it was writing, not its temporary sibling
+    with pytest.raises(DiskError, match=r"^/data/runs/e\.json: the file system is read-only"), \
+            os_errors("/data/runs/e.json"):
+        raise OSError(errno.EROFS, "Read-only file system", "/data/runs/.e.json.tmp-0123456789ab")
 
 
 def test_full_disk_in_a_command_is_one_line_not_a_traceback(tmp_path, monkeypatch):
