@@ -504,6 +504,7 @@ def test_item17_a_full_disk_mid_fit_is_one_line_naming_the_file_and_resume_finis
     assert result.exit_code == DiskError.exit_code, result.output
     assert result.output.startswith(f"error: {out / 'heads-last.safetensors'}: no space left")
     assert "Traceback" not in result.output and len(result.output.splitlines()) == 1
+    assert result.output.rstrip().endswith("with --resume (the run's checkpoint is kept)")
     monkeypatch.setattr(runfolder_module, "save_file", real)
     fit(data.store_a, data.store_b, method="linear", out=out, progress=False, overrides=LINEAR,
         resume=True)

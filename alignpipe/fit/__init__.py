@@ -68,7 +68,7 @@ from alignpipe.fit.runfolder import (
     run_state,
     save_tensors,
 )
-from alignpipe.fsutil import os_errors
+from alignpipe.fsutil import DiskError, os_errors
 from alignpipe.latents import (
     load_pairs,
     open_pair,
@@ -158,13 +158,15 @@ def _fit(store_a, store_b, *, method: str, out, config=None, overrides: dict | N
     try:
         with os_errors(out):  # a full disk or read-only folder is one line naming the path
             return _run(a, b, manifest, method, cfg, out, state, device, progress, started)
-    except AlignpipeError:
+    except AlignpipeError as err:
         # A run refused (or diverged) before its first good checkpoint leaves nothing behind to
         # "resume", not even heads: a leftover file would make the folder "not a run".
         if state == "new" and not (out / CHECKPOINT).exists():
             clear_run_folder(out)
             if created:
                 shutil.rmtree(out, ignore_errors=True)
+        if isinstance(err, DiskError) and (out / CHECKPOINT).exists():
+            raise DiskError(f"{err} with --resume (the run's checkpoint is kept)") from None
         raise
 
 
