@@ -379,8 +379,10 @@ def similarity(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     manifest: ManifestOption = None,
     allow_partial: AllowPartialOption = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Linear CKA and mutual kNN between every pair of stores of one manifest."""
+    use_threads(threads)
     from alignpipe.report import similarity_tables
     from alignpipe.similarity import similarity as similarity_of
 
@@ -424,8 +426,10 @@ def eval_retrieval(
     device: Annotated[str | None, typer.Option(help="cpu, cuda (default: best).")] = None,
     manifest: ManifestOption = None,
     allow_partial: AllowPartialOption = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Recall@1/5/10 both ways between two stores (through a run, or --identity)."""
+    use_threads(threads)
     from alignpipe.evaluate import eval_retrieval as retrieval
     from alignpipe.report import retrieval_table
 
@@ -453,8 +457,10 @@ def eval_zeroshot(
     device: Annotated[str | None, typer.Option(help="cpu, cuda (default: best).")] = None,
     manifest: ManifestOption = None,
     allow_partial: AllowPartialOption = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Zero-shot classification of a query store against a prompts store."""
+    use_threads(threads)
     from alignpipe.evaluate import eval_zeroshot as zeroshot
     from alignpipe.report import zeroshot_table
 

@@ -400,3 +400,10 @@ def test_cli_threads_option_sets_torch_threads(tmp_path):
         torch.set_num_threads(before)
     result = runner.invoke(app, ["fit", "--threads", "0"])
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("verb", [["embed"], ["fit"], ["run"], ["similarity"],
+                                  ["eval", "retrieval"], ["eval", "zeroshot"]])
+def test_every_verb_that_computes_takes_threads(verb):
+    result = runner.invoke(app, [*verb, "--help"])
+    assert result.exit_code == 0 and "--threads" in result.output
