@@ -1,10 +1,9 @@
 """alignpipe: embed once with frozen encoders, then align and evaluate on cached latents."""
 
-__version__ = "0.1.0"
-
-from alignpipe.errors import AlignpipeError  # noqa: E402
-from alignpipe.manifest import Manifest, read_manifest  # noqa: E402
-from alignpipe.store import LatentStore, create_store, open_store, store_path  # noqa: E402
+from alignpipe._version import __version__
+from alignpipe.errors import AlignpipeError
+from alignpipe.manifest import Manifest, read_manifest
+from alignpipe.store import LatentStore, create_store, open_store, store_path
 
 __all__ = [
     "AlignpipeError",

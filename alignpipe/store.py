@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from alignpipe import __version__
+from alignpipe._version import __version__
 from alignpipe.errors import AlignpipeError, StoreError
 from alignpipe.fsutil import atomic_path, atomic_write_bytes, exclusive_lock
 from alignpipe.manifest import Manifest

@@ -14,7 +14,7 @@ shared, so a method that recovers it aligns the two sides; chance R@1 is 1/test 
     cache/synthetic/synthetic-b           store of modality b (text)
     cache/prompts/synthetic-b             prompts through modality b's map
 
-``python -m alignpipe.synthetic`` (= ``alignpipe bench fit --quality``) prints the methods ×
+``alignpipe bench fit --quality`` (= ``python -m alignpipe.benchmarks.fit``) prints the methods ×
 training-set sizes table of the README.
 """
 
@@ -129,10 +129,3 @@ def make_synthetic(out: str | Path, *, train: int = 2000, val: int = 500, test: 
                                  "synthetic-b", prompts, None, seed)
     return SyntheticData(manifest, store_a.path, store_b.path, prompts, prompts_store.path, names)
 
-
-if __name__ == "__main__":
-    import sys
-
-    from alignpipe.benchmarks.fit import main_quality
-
-    sys.exit(main_quality(sys.argv[1:]))

@@ -350,3 +350,9 @@ def main_quality(argv: list[str]) -> int:
     sizes = [int(s) for s in (argv[0] if argv else "500,2000,10000").split(",")]
     print(run_quality(sizes))
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main_quality(sys.argv[1:]))

@@ -291,8 +291,13 @@ def embed(manifest, encoder: str, cache="cache", *, dataset=None, column=None, w
                   batch_size=batch, workers=decoders,
                   decode_timeout=decode_timeout or DECODE_TIMEOUT_S)
         remember_manifest(job, manifest)
-        outcome = run_job(job, request, store, unit_rows=unit_rows, cluster=cluster,
-                          scheduler=scheduler, progress=progress)
+        if (cluster or scheduler) and not (store is not None and store.complete):
+            from alignpipe.embed.cluster import run_on_dask
+
+            outcome = run_on_dask(job, request, store, unit_rows=unit_rows, cluster=cluster,
+                                  scheduler=scheduler, progress=progress)
+        else:  # a finished store needs no model load and no cluster
+            outcome = run_job(job, request, store, unit_rows=unit_rows, progress=progress)
         summary = _summary(outcome, began, encoder)
     summary.extra = {"batch_size": batch, "workers": decoders, "cluster": cluster or scheduler}
     return _check_failure_rate(summary, max_failure_rate)

@@ -145,14 +145,10 @@ def _check_compute_dtype(store: LatentStore, dtype, encoder: Encoder) -> None:
 
 
 def run_job(job: Job, request, store: LatentStore | None, *, unit_rows: int,
-            cluster: str | None, scheduler: str | None, progress: bool) -> Outcome:
-    if store is not None and store.complete:  # nothing to do: no model load, no cluster
+            progress: bool) -> Outcome:
+    """Run the whole job in this process (`cluster.run_on_dask` is the dask executor)."""
+    if store is not None and store.complete:  # nothing to do: no model load
         return Outcome(store, UnitStats(), store.n_units, 0.0)
-    if cluster or scheduler:
-        from alignpipe.embed.cluster import run_on_dask
-
-        return run_on_dask(job, request, store, unit_rows=unit_rows, cluster=cluster,
-                           scheduler=scheduler, progress=progress)
     manifest = job_manifest(job)
     encoder = job_encoder(job)
     store = ensure_store(job, store, encoder.dim, encoder.modality,

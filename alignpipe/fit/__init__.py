@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from alignpipe import __version__
+from alignpipe._version import __version__
 from alignpipe.errors import AlignpipeError
 from alignpipe.fit.config import (
     COMMON_DEFAULTS,
