@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alignpipe.encoders import zoo  # noqa: F401  (registers the named encoders)
 from alignpipe.encoders.base import Encoder, resolve_device
 from alignpipe.encoders.hub import fail_fast
 from alignpipe.encoders.registry import (

@@ -3,6 +3,10 @@
 Each spec is the data contract of one frozen encoder: which backend adapter runs it, which
 checkpoint, how its output is pooled, what it reads. ``timm:<name>`` and ``hf:<id>`` reach any
 other checkpoint without a registry entry.
+
+The named encoders live in `zoo`, which registers them here; the package's ``__init__`` imports
+it, and Python runs that ``__init__`` before any of its modules, so the lookups below always see
+them (and this module never imports the zoo back).
 """
 
 from __future__ import annotations
@@ -97,13 +101,8 @@ def register_encoder(fn: Callable[[], EncoderSpec]) -> Callable[[], EncoderSpec]
     return fn
 
 
-def _ensure_zoo() -> None:
-    from alignpipe.encoders import zoo  # noqa: F401  (registers the named encoders on import)
-
-
 def list_encoders(pattern: str = "*") -> list[EncoderSpec]:
     """Registered specs whose name matches `pattern` (shell wildcards, case-insensitive)."""
-    _ensure_zoo()
     pattern = pattern.lower()
     return [spec for name, spec in sorted(_REGISTRY.items())
             if fnmatch.fnmatchcase(name.lower(), pattern)]
@@ -111,7 +110,6 @@ def list_encoders(pattern: str = "*") -> list[EncoderSpec]:
 
 def is_registered(name: str) -> bool:
     """True for registered names and for any ``timm:<name>`` / ``hf:<id>``."""
-    _ensure_zoo()
     if name.startswith((TIMM_PREFIX, HF_PREFIX)):
         return len(name.split(":", 1)[1]) > 0
     return name in _REGISTRY
@@ -119,7 +117,6 @@ def is_registered(name: str) -> bool:
 
 def get_encoder_spec(name: str) -> EncoderSpec:
     """The spec of `name`; raises EncoderError (with close matches) for unknown names."""
-    _ensure_zoo()
     if name in _REGISTRY:
         return _REGISTRY[name]
     if name.startswith(TIMM_PREFIX) and name[len(TIMM_PREFIX):]:
