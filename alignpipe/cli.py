@@ -178,7 +178,6 @@ def manifest_toy(
 
 
 # ---- embed (stage one) --------------------------------------------------------------------------
-# SECTION embed: owned by the stage-one work.
 @app.command()
 @friendly
 def embed(
@@ -284,11 +283,9 @@ def bench_embed(
     console.print(bench_table(run_embed_bench(
         encoder=encoder, rows=rows, device=device, weights=weights, image_size=image_size,
         batch_size=batch_size, workers=workers, quick=quick, repeats=repeats)))
-# END SECTION embed
 
 
 # ---- fit / eval / similarity (stage two) --------------------------------------------------------
-# SECTION stage-two: owned by the stage-two work.
 def _common_overrides(set_: list[str] | None, **flags) -> dict[str, str]:
     """``--set`` pairs plus the common flags given (flags win: they are the more specific)."""
     overrides = parse_overrides(set_)
@@ -506,11 +503,9 @@ def bench_fit(
     console.print(bench_table(run_fit_bench(
         device=device, quick=quick, method=method, rows=rows, batch_size=batch_size, dims=parsed,
         peak_tflops=peak_tflops)))
-# END SECTION stage-two
 
 
 # ---- run / bench (pipelines) --------------------------------------------------------------------
-# SECTION pipelines: owned by the pipeline work.
 @app.command()
 @friendly
 def run(
@@ -552,10 +547,9 @@ def bench_all(
     from alignpipe.report import bench_table
 
     console.print(bench_table(run_all(device=device, quick=quick)))
-# END SECTION pipelines
 
 
-# SECTION manifest-builders: owned by the dataset-builder work.
+# ---- manifest builders --------------------------------------------------------------------------
 OutManifestArg = Annotated[Path, typer.Argument(help="Manifest to write (.parquet).")]
 CheckFilesOpt = Annotated[bool, typer.Option(
     "--check-files/--no-check-files",
@@ -802,7 +796,6 @@ def manifest_split(
 
     _print_built(build_split(source, out, _split_plan(split_fractions, split_seed,
                                                       override_split)))
-# END SECTION manifest-builders
 
 
 def main() -> None:

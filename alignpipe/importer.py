@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from alignpipe.errors import ImportDataError, format_rows
-from alignpipe.manifest import PATH_COLUMNS, Manifest, file_sha256, read_manifest
+from alignpipe.manifest import FILE_COLUMNS, Manifest, file_sha256, read_manifest
 from alignpipe.store import (
     MODALITIES,
     create_store,
@@ -132,7 +132,7 @@ class _ClipRetrievalSource(_Source):
                 lookup.setdefault(str(value), (file_no, row))
 
         keys = manifest.column(man_col)
-        resolved = (manifest.media_paths(man_col) if man_col in PATH_COLUMNS
+        resolved = (manifest.media_paths(man_col) if man_col in FILE_COLUMNS
                     else [None] * manifest.rows)
         self.file_of = np.full(manifest.rows, -1, dtype=np.int64)
         self.row_of = np.zeros(manifest.rows, dtype=np.int64)

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alignpipe import devices
+from alignpipe.devices import resolve_device  # noqa: F401  (re-exported for stage two)
 from alignpipe.errors import StoreError
-from alignpipe.manifest import PATH_COLUMNS, Manifest, read_manifest
-from alignpipe.methods.base import Pairs
+from alignpipe.manifest import FILE_COLUMNS, Manifest, read_manifest
+from alignpipe.pairs import Pairs
 from alignpipe.store import LatentStore, open_store
 
 # Encoder attrs that say which function made the latents (provenance like an import's source
@@ -28,11 +28,6 @@ ENCODER_IDENTITY = ("name", "backend", "model_id", "revision", "weights_sha256",
 READ_BLOCK_BYTES = 32 << 20
 # What `--manifest` accepts: one manifest or several (zero-shot's query and prompts manifests).
 ManifestArg = str | Path | Manifest | Sequence[str | Path | Manifest] | None
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """The checked device (a missing GPU is a DeviceError listing what the machine has)."""
-    return devices.resolve_device(device)
 
 
 def as_store(store: str | Path | LatentStore) -> LatentStore:
@@ -236,7 +231,7 @@ def first_rows(items: np.ndarray) -> np.ndarray:
 
 def media_items(manifest: Manifest, modality: str, rows: np.ndarray) -> np.ndarray:
     """Item number per row: rows with the same media path are one item (captions are not)."""
-    if modality not in PATH_COLUMNS or not manifest.has(modality):
+    if modality not in FILE_COLUMNS or not manifest.has(modality):
         return np.arange(rows.size)
     values = manifest.column(modality)
     first: dict[str, int] = {}

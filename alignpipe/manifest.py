@@ -28,12 +28,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from alignpipe.constants import FILE_COLUMNS, MODALITIES, SPLITS  # noqa: F401  (re-exported)
 from alignpipe.errors import ManifestError, format_rows
 from alignpipe.fsutil import atomic_path
 
-MEDIA_COLUMNS = ("image", "text", "audio")
-PATH_COLUMNS = ("image", "audio")
-SPLITS = ("train", "val", "test")
+MEDIA_COLUMNS = MODALITIES  # a manifest's media columns are named after the modalities
 # Columns read as exact strings (everything else is kept as stored).
 STRING_COLUMNS = ("id", *MEDIA_COLUMNS, "label", "split", "class_id")
 # Unicode categories a tokenizer drops: control (NUL), format (zero-width space, BOM), separators.

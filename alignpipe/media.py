@@ -22,7 +22,8 @@ import soundfile as sf
 import soxr
 from PIL import Image, UnidentifiedImageError
 
-TAR_SEPARATOR = "::"
+from alignpipe.constants import ARCHIVE_SEPARATOR
+
 # 0xFFFFFFFF and 0 are what streaming writers put in a WAV header before they know the length.
 _STREAMED_SIZES = (0, 0xFFFFFFFF)
 _DECLARED_SIZE = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
@@ -42,7 +43,7 @@ class MediaRef:
     @property
     def key(self) -> str:
         """Identity used to decode a file shared by several rows only once."""
-        return f"{self.path}{TAR_SEPARATOR}{self.member}" if self.member else str(self.path)
+        return f"{self.path}{ARCHIVE_SEPARATOR}{self.member}" if self.member else str(self.path)
 
     def __str__(self) -> str:
         return self.key
@@ -50,7 +51,7 @@ class MediaRef:
 
 def resolve_ref(value: str, root: Path) -> MediaRef:
     """Resolve a manifest cell against the manifest folder `root`."""
-    archive, sep, member = value.partition(TAR_SEPARATOR)
+    archive, sep, member = value.partition(ARCHIVE_SEPARATOR)
     path = Path(archive)
     path = path if path.is_absolute() else root / path
     return MediaRef(path, member if sep else None)

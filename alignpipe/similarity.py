@@ -30,7 +30,7 @@ from alignpipe.latents import (
     store_manifests,
     valid_rows,
 )
-from alignpipe.manifest import PATH_COLUMNS
+from alignpipe.manifest import FILE_COLUMNS
 
 KNN_CHUNK = 2048
 
@@ -84,7 +84,7 @@ def _shared_fraction(nx: torch.Tensor, ny: torch.Tensor) -> float:
 def _sample_rows(stores, manifest, sample: int, seed: int) -> tuple[np.ndarray, int]:
     """Sorted rows valid in every store, one per media item; and how many were eligible."""
     kept, _ = valid_rows(stores, np.arange(stores[0].rows))
-    modalities = {s.modality for s in stores if s.modality in PATH_COLUMNS}
+    modalities = {s.modality for s in stores if s.modality in FILE_COLUMNS}
     if modalities:
         keys = np.stack([media_items(manifest, m, kept) for m in sorted(modalities)], axis=1)
         kept = kept[np.sort(np.unique(keys, axis=0, return_index=True)[1])]

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from alignpipe._version import __version__
+from alignpipe.constants import LATENT_DTYPES, MODALITIES
 from alignpipe.errors import AlignpipeError, StoreError
 from alignpipe.fsutil import atomic_path, atomic_write_bytes, exclusive_lock
 from alignpipe.manifest import Manifest
@@ -54,8 +55,6 @@ from alignpipe.storefiles import (
 
 DEFAULT_UNIT_ROWS = 8192
 TARGET_CHUNK_BYTES = 2 << 20
-DTYPES = ("float16", "float32")
-MODALITIES = ("image", "text", "audio")
 FAILURE_COLUMNS = ("id", "row", "column", "reason")
 UNITS_GROUP = "units"
 
@@ -516,8 +515,9 @@ def create_store(path: str | Path, *, rows: int, dim: int, encoder: dict, modali
                  extra_attrs: dict | None = None) -> LatentStore:
     """Create a store at full size. Workers only ever fill shards; nothing resizes later."""
     path = Path(path)
-    if dtype not in DTYPES:
-        raise StoreError(f"unsupported latent dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if dtype not in LATENT_DTYPES:
+        raise StoreError(f"unsupported latent dtype {dtype!r}; use one of "
+                         f"{', '.join(LATENT_DTYPES)}")
     if modality not in MODALITIES:
         raise StoreError(f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)}")
     if rows < 1 or dim < 1 or unit_rows < 1:

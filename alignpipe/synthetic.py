@@ -26,10 +26,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from alignpipe.manifest import read_manifest, write_manifest
+from alignpipe.manifest import SPLITS, read_manifest, write_manifest
 from alignpipe.store import LatentStore, create_store
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass

@@ -19,22 +19,15 @@ from typing import Literal
 
 import pyarrow as pa
 
+from alignpipe.constants import ARCHIVE_SEPARATOR
 from alignpipe.errors import ManifestError
-from alignpipe.manifest import PATH_COLUMNS, SPLITS, validate, write_manifest
+from alignpipe.errors import format_rows as listing  # noqa: F401  (the builders' name for it)
+from alignpipe.manifest import FILE_COLUMNS, SPLITS, validate, write_manifest
 
 CheckPolicy = Literal["error", "skip", "off"]
 CHECK_POLICIES: tuple[str, ...] = ("error", "skip", "off")
-ARCHIVE_SEP = "::"
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 AUDIO_EXTS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac"})
-SHOWN = 10  # how many offending names a message lists before "(and N more)"
-
-
-def listing(items: Sequence[str], limit: int = SHOWN, sep: str = ", ") -> str:
-    """``a, b, c (and 40 more)``: enough names to find the problem without flooding the terminal."""
-    shown = sep.join(str(i) for i in items[:limit])
-    rest = len(items) - limit
-    return f"{shown} (and {rest} more)" if rest > 0 else shown
 
 
 def media_cell(path: Path, manifest_dir: Path) -> str:
@@ -48,12 +41,12 @@ def media_cell(path: Path, manifest_dir: Path) -> str:
 
 
 def archive_cell(archive: Path, member: str, manifest_dir: Path) -> str:
-    return f"{media_cell(archive, manifest_dir)}{ARCHIVE_SEP}{member}"
+    return f"{media_cell(archive, manifest_dir)}{ARCHIVE_SEPARATOR}{member}"
 
 
 def cell_file(cell: str, manifest_dir: Path) -> Path:
     """The file a cell needs on disk (the archive itself for ``ARCHIVE::MEMBER``)."""
-    path = Path(cell.split(ARCHIVE_SEP, 1)[0])
+    path = Path(cell.split(ARCHIVE_SEPARATOR, 1)[0])
     return path if path.is_absolute() else manifest_dir / path
 
 
@@ -244,7 +237,7 @@ def apply_splits(data: dict[str, list], plan: SplitPlan) -> list[str]:
     if had and not plan.override:
         return ["kept the existing split column (pass --override-split to reassign it)"]
     ids = data["id"]
-    groups = item_groups(ids, [data[c] for c in PATH_COLUMNS if c in data])
+    groups = item_groups(ids, [data[c] for c in FILE_COLUMNS if c in data])
     data["split"] = assign_splits(ids, plan.fractions, plan.seed, groups)
     items = len(set(groups))
     fractions = ",".join(f"{float(f):g}" for f in plan.fractions)
@@ -275,7 +268,7 @@ def missing_media(rows: Rows, manifest_dir: Path) -> list[tuple[int, str]]:
     """(row, cell) for every image/audio cell whose file is not on disk."""
     index = FileIndex()
     missing = []
-    for name in PATH_COLUMNS:
+    for name in FILE_COLUMNS:
         for i, cell in enumerate(rows.data.get(name, [])):
             if cell and not index.exists(cell_file(cell, manifest_dir)):
                 missing.append((i, cell))

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from alignpipe.builders._common import BuildResult, SplitPlan, apply_splits, split_summary
 from alignpipe.errors import ManifestError
-from alignpipe.manifest import PATH_COLUMNS, read_manifest, validate, write_manifest
+from alignpipe.manifest import FILE_COLUMNS, read_manifest, validate, write_manifest
 
 
 def build_split(source: str | Path, out: str | Path, plan: SplitPlan) -> BuildResult:
@@ -23,7 +23,7 @@ def build_split(source: str | Path, out: str | Path, plan: SplitPlan) -> BuildRe
         raise ManifestError(f"{out}: manifests are written as parquet; name the output .parquet")
     manifest = read_manifest(source)
     table = manifest.table
-    data = {name: manifest.column(name) for name in ("id", *PATH_COLUMNS, "split")
+    data = {name: manifest.column(name) for name in ("id", *FILE_COLUMNS, "split")
             if manifest.has(name)}
     notes = apply_splits(data, plan)
     split = pa.array(data["split"], pa.string()) if "split" in data else None

@@ -40,7 +40,8 @@ from alignpipe.errors import ManifestError
 from alignpipe.manifest import is_blank_text
 
 CAPTION_COLUMNS = ("caption", "title", "text", "TEXT")
-PATH_COLUMNS = ("filepath", "image", "image_path", "path", "file", "filename")
+# Header names a caption table may give its image-path column, tried in this order.
+PATH_HEADERS = ("filepath", "image", "image_path", "path", "file", "filename")
 BRACE = re.compile(r"\{([^{}]*)\}")
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
 
@@ -111,7 +112,7 @@ def build_caption_table(source: str | Path, out: str | Path, caption_column: str
         raise ManifestError(f"{source}: file is empty") from None
     header = [h.strip() for h in header]
     cap = _pick_column(header, caption_column, CAPTION_COLUMNS, "caption", source)
-    pth = _pick_column(header, path_column, PATH_COLUMNS, "path", source)
+    pth = _pick_column(header, path_column, PATH_HEADERS, "path", source)
     key = _pick_column(header, id_column, (), "id", source) if id_column else None
     status = _only_column(header, "status", source) if "status" in header else None
     root = Path(images) if images is not None else source.parent

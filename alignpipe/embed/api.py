@@ -25,9 +25,9 @@ from alignpipe.encoders import (
     resolve_weights,
 )
 from alignpipe.errors import AlignpipeError, StoreError
-from alignpipe.manifest import MEDIA_COLUMNS, PATH_COLUMNS, Manifest, read_manifest
+from alignpipe.manifest import FILE_COLUMNS, MEDIA_COLUMNS, Manifest, read_manifest
 from alignpipe.store import (
-    DTYPES,
+    LATENT_DTYPES,
     LatentStore,
     is_store,
     lock_store,
@@ -130,7 +130,7 @@ def check_column(column: str, modality: str, encoder: str) -> None:
     image column would embed its path strings as captions, with every row 'valid'."""
     if column not in MEDIA_COLUMNS or column == modality:
         return
-    held = f"{column} file paths" if column in PATH_COLUMNS else "text"
+    held = f"{column} file paths" if column in FILE_COLUMNS else "text"
     article = "an" if modality[0] in "aeiou" else "a"
     raise EmbedError(f"--column {column} holds {held}, but {encoder} is {article} {modality} "
                      f"encoder; give a column of {modality} (the default is --column "
@@ -140,8 +140,9 @@ def check_column(column: str, modality: str, encoder: str) -> None:
 def make_request(encoder: str, *, column: str | None, weights, image_size: int | None,
                  pooling: str | None, latent_dtype: str) -> Request:
     spec = get_encoder_spec(encoder)
-    if latent_dtype not in DTYPES:
-        raise EmbedError(f"--latent-dtype {latent_dtype!r}: use one of {', '.join(DTYPES)}")
+    if latent_dtype not in LATENT_DTYPES:
+        raise EmbedError(f"--latent-dtype {latent_dtype!r}: use one of "
+                         f"{', '.join(LATENT_DTYPES)}")
     if image_size is not None and image_size < 1:
         raise EmbedError(f"--image-size must be a positive number of pixels, got {image_size}")
     if image_size is not None and spec.modality not in ("image", None):
@@ -304,7 +305,7 @@ def embed(manifest, encoder: str, cache="cache", *, dataset=None, column=None, w
 
 
 def _modality_hint(column: str | None) -> str | None:
-    return column if column in ("image", "text", "audio") else None
+    return column if column in MEDIA_COLUMNS else None
 
 
 def _resolve_existing(path: Path, request: Request, manifest: Manifest,

@@ -19,6 +19,7 @@ from alignpipe.encoders.base import resolve_device, resolve_dtype
 from alignpipe.errors import StoreError
 from alignpipe.fsutil import os_errors
 from alignpipe.manifest import Manifest, read_manifest
+from alignpipe.progress import progress_bar as rich_progress
 from alignpipe.store import LatentStore, create_store, open_store
 
 
@@ -176,27 +177,10 @@ def progress_bar(job: Job, store: LatentStore, skipped: int,
     if not enabled:
         yield None
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class RowsPerSecond(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed or 0:,.0f} rows/s")
-
     done_rows = sum(stop - start for start, stop in map(store.unit_range, store.done_units()))
     note = f" ({skipped} units already done)" if skipped else ""
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  RowsPerSecond(), TimeElapsedColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=False) as bar:
+    with rich_progress(description="[bold]{task.description}", speed_unit="rows",
+                       stderr=True) as bar:
         task = bar.add_task(f"embed {job.encoder}{note}", total=store.rows, completed=done_rows)
         yield lambda rows: bar.advance(task, rows)
 

@@ -20,7 +20,8 @@ from alignpipe.devices import resolve_device  # noqa: F401  (one device check fo
 from alignpipe.encoders.registry import EncoderError, EncoderSpec
 from alignpipe.encoders.weights import RANDOM_SEED, WeightsSource
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The compute dtypes an encoder may run in (a store's own dtypes are constants.LATENT_DTYPES).
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Encoder(Protocol):
@@ -51,9 +52,9 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if dtype not in DTYPES:
-        raise EncoderError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    if dtype not in COMPUTE_DTYPES:
+        raise EncoderError(f"--dtype {dtype!r}: use auto, {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[dtype]
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

@@ -16,9 +16,9 @@ import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from alignpipe.constants import MODALITIES
 from alignpipe.errors import AlignpipeError
 
-MODALITIES = ("image", "text", "audio")
 POOLINGS = {
     "timm": ("cls", "mean", "cls+mean", "model"),
     "hf-vision": ("cls", "mean", "cls+mean"),
@@ -77,12 +77,6 @@ class EncoderSpec:
         if self.test_config is not None:
             return "test (seeded random init)"
         return f"{'timm' if self.backend == 'timm' else 'hf'}:{self.model_id}"
-
-    def pooled_dim(self, pooling: str | None) -> int | None:
-        """Output width under `pooling` (``cls+mean`` concatenates two vectors)."""
-        if self.dim is None:
-            return None
-        return self.dim * 2 if (pooling or self.pooling) == "cls+mean" else self.dim
 
 
 _REGISTRY: dict[str, EncoderSpec] = {}

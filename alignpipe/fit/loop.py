@@ -31,6 +31,7 @@ from alignpipe.fit.runfolder import (
 from alignpipe.latents import first_rows
 from alignpipe.methods.base import Pairs
 from alignpipe.metrics import encoded_retrieval, nonfinite_rows
+from alignpipe.progress import progress_bar
 
 CPU_MEMORY_BUDGET = 4 << 30   # bytes of activations a CPU step may use before we shrink it
 PLOT_EVERY_S = 30.0
@@ -389,19 +390,8 @@ class _NoBar:
 
 class _Bar:
     def __init__(self, total: int, completed: int, console):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} pairs/s"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+        self.progress = progress_bar("loss {task.fields[loss]}", "{task.fields[rate]} pairs/s",
+                                     console=console)
         self.task = self.progress.add_task("training", total=total, completed=completed,
                                            loss="–", rate="–")
 

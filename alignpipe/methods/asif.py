@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alignpipe.methods import register_method
 from alignpipe.methods.base import Loop, Pairs, check_side
+from alignpipe.methods.registry import register_method
 from alignpipe.methods.space import SparseRows
 
 ASIF_DEFAULTS = {"topk": 800, "power": 8.0}

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from alignpipe.methods import register_method
 from alignpipe.methods.contrastive import HeadsMethod, temperature_from
 from alignpipe.methods.mlp import MLP_DEFAULTS, mlp_heads
+from alignpipe.methods.registry import register_method
 
 
 class FuseMix:

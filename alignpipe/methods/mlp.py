@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from alignpipe.methods import register_method
 from alignpipe.methods.contrastive import LOSS_DEFAULTS, HeadsMethod, temperature_from
 from alignpipe.methods.heads import mlp_head
+from alignpipe.methods.registry import register_method
 
 MLP_DEFAULTS = {
     "out_dim": 512,      # FuseMix proj_embed_dim

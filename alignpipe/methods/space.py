@@ -101,10 +101,6 @@ def slice_rows(enc: Encoded, start: int, stop: int) -> Encoded:
     return enc.rows(start, stop) if isinstance(enc, SparseRows) else enc[start:stop]
 
 
-def cat_rows(parts: list[Encoded]) -> Encoded:
-    return SparseRows.cat(parts) if isinstance(parts[0], SparseRows) else torch.cat(parts)
-
-
 def pairwise_scores(queries: Encoded, candidates: Encoded) -> torch.Tensor:
     """Dot products, queries × candidates, as a dense float32 tensor."""
     if isinstance(candidates, SparseRows) != isinstance(queries, SparseRows):
