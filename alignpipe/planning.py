@@ -114,7 +114,7 @@ def _not_cached_reason(encoder: str) -> str | None:
 
     spec = get_encoder_spec(encoder)
     if resolve_weights(spec, None).kind != "hub":
-        return None  # test encoders, the installed MiniLM copy
+        return None  # test encoders, installed copies (register_installed_copy)
     repo = f"timm/{spec.model_id}" if spec.backend == "timm" else spec.model_id
     if "/" in repo and isinstance(try_to_load_from_cache(repo, "config.json"), str):
         return None

