@@ -268,7 +268,7 @@ def eval_retrieval(run, store_a, store_b, *, split: str = "test", identity: bool
 
 
 def _write_retrieval(path: Path, result: dict, curves: dict, directions: tuple[str, str]):
-    from alignpipe.report import markdown_table, plot_recall_curves
+    from alignpipe.render import markdown_table, plot_recall_curves
 
     _write_json(path, result)
     lines = [*_header_lines(result, "Retrieval"),
@@ -443,7 +443,7 @@ def eval_zeroshot(run, query_store, prompts_store, *, split: str = "test",
 
 
 def _write_zeroshot(path: Path, result: dict, confusion: np.ndarray, names: list[str]) -> None:
-    from alignpipe.report import markdown_table, plot_confusion
+    from alignpipe.render import markdown_table, plot_confusion
 
     _write_json(path, result)
     lines = [*_header_lines(result, "Zero-shot"),

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from alignpipe.fsutil import atomic_write_text
-from alignpipe.report import markdown_table
+from alignpipe.render import markdown_table
 
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from rich.table import Table
 
+# Markdown tables and PNG figures live in `render` (no rich); re-exported here as before.
+from alignpipe.render import (  # noqa: F401
+    markdown_table,
+    plot_confusion,
+    plot_fit_curves,
+    plot_recall_curves,
+    plot_similarity,
+)
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -42,16 +51,6 @@ def store_info_table(details: dict) -> Table:
     return table
 
 
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    """A GitHub markdown table; floats to two decimals."""
-    def cell(v):
-        return f"{v:.2f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def results_table(result) -> Table:
     """The headline metrics of a pipeline run, as printed at the end of `alignpipe run`."""
     from alignpipe.pipeline_report import headline_metrics
@@ -76,93 +75,6 @@ def bench_table(rows: list[dict]) -> Table:
         shown = f"{value:,.2f}" if isinstance(value, float) else str(value)
         table.add_row(row.get("bench", ""), row["name"], shown, row.get("unit", ""))
     return table
-
-
-# ---- stage-two plots (matplotlib imported lazily: the CLI stays fast) ----------------------------
-def _figure(*args, **kwargs):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt, *plt.subplots(*args, **kwargs)
-
-
-def _save_png(fig, plt, path) -> None:
-    """Write a figure atomically (a reader never sees half a PNG)."""
-    from pathlib import Path
-
-    from alignpipe.fsutil import atomic_path
-
-    fig.tight_layout()
-    try:
-        with atomic_path(Path(path)) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
-
-
-def plot_fit_curves(path, history: list[dict], names: tuple[str, str]) -> None:
-    """Training loss and val R@1 (both directions) and mean recall per epoch."""
-    plt, fig, (left, right) = _figure(1, 2, figsize=(10, 3.6))
-    epochs = [h["epoch"] for h in history]
-    left.plot(epochs, [h["train_loss"] for h in history], marker=".")
-    left.set(xlabel="epoch", ylabel="train loss (InfoNCE)", title="loss")
-    for key in (f"{names[0]}_to_{names[1]}", f"{names[1]}_to_{names[0]}"):
-        values = [h.get("val", {}).get(key, {}).get("R@1") for h in history]
-        if any(v is not None for v in values):
-            right.plot(epochs, values, marker=".", label=f"{key} R@1")
-    means = [h.get("val", {}).get("mean_recall") for h in history]
-    if any(v is not None for v in means):
-        right.plot(epochs, means, marker=".", linestyle="--", label="mean recall (selection)")
-        right.legend(fontsize=8)
-    right.set(xlabel="epoch", ylabel="val recall (%)", title="validation")
-    _save_png(fig, plt, path)
-
-
-def plot_recall_curves(path, curves: dict[str, list[float]], title: str) -> None:
-    """R@K for K = 1..max, one line per direction."""
-    plt, fig, ax = _figure(figsize=(5.5, 4))
-    for name, values in curves.items():
-        ax.plot(range(1, len(values) + 1), values, label=name)
-    ax.set(xscale="log", xlabel="K", ylabel="R@K (%)", title=title, ylim=(0, 100))
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    _save_png(fig, plt, path)
-
-
-def plot_confusion(path, counts, classes: list[str], title: str) -> None:
-    """Row-normalised confusion matrix (true class × predicted class)."""
-    import numpy as np
-
-    plt, fig, ax = _figure(figsize=(1.5 + 0.28 * len(classes), 1.2 + 0.28 * len(classes)))
-    totals = np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    image = ax.imshow(100 * counts / totals, cmap="Blues", vmin=0, vmax=100)
-    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(classes)), classes, fontsize=7)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.colorbar(image, ax=ax, label="% of true class")
-    _save_png(fig, plt, path)
-
-
-def plot_similarity(path, names: list[str], matrices: dict[str, list[list[float]]]) -> None:
-    """One heatmap per measure (linear CKA, mutual kNN), values written in the cells."""
-    import numpy as np
-
-    plt, fig, axes = _figure(1, len(matrices), figsize=(1 + 3.2 * len(matrices) + 0.3 * len(names),
-                                                      1.5 + 0.5 * len(names)))
-    axes = np.atleast_1d(axes)
-    for ax, (title, matrix) in zip(axes, matrices.items(), strict=True):
-        values = np.asarray(matrix, dtype=float)
-        ax.imshow(values, cmap="viridis", vmin=0, vmax=1)
-        for i in range(len(names)):
-            for j in range(len(names)):
-                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if values[i, j] < 0.6 else "black")
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.set_title(title.replace("_", " "))
-    _save_png(fig, plt, path)
 
 
 # ---- stage-two tables ---------------------------------------------------------------------------

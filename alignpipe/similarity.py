@@ -140,7 +140,7 @@ def similarity(stores: list, *, sample: int = 5000, k: int = 10, seed: int = 0,
 
 
 def _write(path: Path, result: dict) -> None:
-    from alignpipe.report import plot_similarity
+    from alignpipe.render import plot_similarity
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, result)

@@ -319,7 +319,7 @@ def run_quality(sizes: list[int], methods=QUALITY_METHODS, device: str | None = 
     """Test R@1/R@5 (mean of both directions) per method and training size, as markdown."""
     from alignpipe.evaluate import eval_retrieval
     from alignpipe.fit import fit
-    from alignpipe.report import markdown_table
+    from alignpipe.render import markdown_table
     from alignpipe.synthetic import make_synthetic
 
     results: dict[tuple[str, int], dict] = {}

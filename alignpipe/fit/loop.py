@@ -408,7 +408,7 @@ def _progress_bar(show: bool, total: int, completed: int, console):
 
 
 def _plot_curves(out: Path, history: list[dict], names: tuple[str, str]) -> None:
-    from alignpipe.report import plot_fit_curves
+    from alignpipe.render import plot_fit_curves
 
     plot_fit_curves(out / CURVES, history, names)
 
