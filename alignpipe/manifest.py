@@ -358,9 +358,8 @@ def validate(table: pa.Table, path: Path) -> pa.Table:
         else:
             first_seen[v] = i
     if duplicates:
-        more = f" (and {len(duplicates) - 5} more)" if len(duplicates) > 5 else ""
         raise ManifestError(
-            f"{path}: duplicate ids in column 'id': {'; '.join(duplicates[:5])}{more}")
+            f"{path}: duplicate ids in column 'id': {format_rows(duplicates, 5, '; ')}")
 
     if "split" in names:
         splits = table.column("split").to_pylist()
