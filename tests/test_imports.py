@@ -199,3 +199,27 @@ def test_import_alignpipe_loads_no_app_libraries():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT.parent)
     assert out.stdout.strip() == "", f"import alignpipe loaded: {out.stdout.strip()}"
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for dep in graph[todo.pop()]:
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def test_the_data_layer_does_not_import_stage_two_or_the_app():
+    """Manifests, stores and the latents/pairs view sit below methods, fit, reports and CLI."""
+    graph = import_graph()
+    above = ("alignpipe.methods", "alignpipe.fit", "alignpipe.evaluate", "alignpipe.report",
+             "alignpipe.pipeline", "alignpipe.pipeline_report", "alignpipe.cli",
+             "alignpipe.benchmarks")
+    for module in ("alignpipe", "alignpipe.manifest", "alignpipe.store", "alignpipe.latents",
+                   "alignpipe.pairs"):
+        reached = sorted(m for m in _reachable(graph, module)
+                         if any(m == a or m.startswith(a + ".") for a in above))
+        assert not reached, f"{module} imports {reached}"
