@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alignpipe.errors import AlignpipeError
 from alignpipe.methods import method_spec
+from alignpipe.methods.losses import list_losses, loss_spec
 from alignpipe.yamlsafe import load_yaml
 
 # Keys every method understands.
@@ -118,18 +119,37 @@ def resolve_config(method: str, config: str | Path | dict | None = None,
                    overrides: dict | None = None, base: dict | None = None) -> dict:
     """Defaults ← `base` (a saved run's config) ← config file ← overrides (``--set`` and the
     common flags), type- and range-checked."""
-    resolved = default_config(method)
-    for source, values in (("saved run config", dict(base or {})),
-                           ("config file", _config_file(config, method)),
-                           ("--set", overrides or {})):
+    sources = (("saved run config", dict(base or {})),
+               ("config file", _config_file(config, method)),
+               ("--set", overrides or {}))
+    defaults = _with_loss_keys(default_config(method), sources)
+    resolved = dict(defaults)
+    for source, values in sources:
         for key, value in values.items():
             if key not in resolved:
                 raise AlignpipeError(
                     f"{source}: unknown key {key!r} for method {method}; known keys: "
                     f"{', '.join(sorted(resolved))}")
-            resolved[key] = _coerce(key, value, default_config(method)[key])
+            resolved[key] = _coerce(key, value, defaults[key])
     _check_ranges(resolved)
     return resolved
+
+
+def _with_loss_keys(defaults: dict, sources) -> dict:
+    """`defaults` plus the config keys of the loss the sources choose (a trained method's
+    ``loss`` key; the last source that sets it wins), after checking it is registered."""
+    if "loss" not in defaults:
+        return defaults
+    name = defaults["loss"]
+    for _, values in sources:
+        name = values.get("loss", name)
+    if not isinstance(name, str):
+        return defaults  # _coerce refuses it by name
+    if name not in list_losses():
+        raise AlignpipeError(f"fit config: loss must be one of {', '.join(list_losses())} "
+                             f"(got {name!r})")
+    extra = {k: v for k, v in loss_spec(name).defaults.items() if k not in defaults}
+    return {**defaults, **extra}
 
 
 def _outside(key: str, value, bounds: tuple) -> str | None:

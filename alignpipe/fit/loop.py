@@ -1,4 +1,8 @@
-"""The one training loop: latents resident on the device, batches by on-device permutation."""
+"""The one training loop: latents resident on the device, batches by on-device permutation.
+
+It uses a method only through the `TrainedMethod` protocol (methods/base.py): a method with
+another loss, heads or batch transform needs no change here.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from alignpipe.fit.runfolder import (
     save_tensors,
 )
 from alignpipe.latents import first_rows
-from alignpipe.methods.base import Pairs
+from alignpipe.methods.base import Pairs, TrainedMethod
 from alignpipe.metrics import encoded_retrieval, nonfinite_rows
 from alignpipe.progress import progress_bar
 
@@ -64,19 +68,13 @@ def _free_memory(device: torch.device) -> int:
     return min(int(avail) // 2, CPU_MEMORY_BUDGET)
 
 
-def step_bytes(method, batch: int) -> int:
-    """Rough activation memory of one step: saved Linear inputs/outputs plus the logits."""
-    from torch import nn
-
-    multiples = method.transform.batch_multiples if method.transform else (1,)
-    per_row = sum(m.in_features + 2 * m.out_features
-                  for side in ("a", "b") for m in method.model[side].modules()
-                  if isinstance(m, nn.Linear))
-    rows = batch * sum(multiples) + batch * method.rows_per_pair
-    return 4 * (rows * per_row + sum(6 * (m * batch) ** 2 for m in multiples))
+def step_bytes(method: TrainedMethod, batch: int) -> int:
+    """Rough activation memory of one step, as the method estimates it."""
+    return method.step_bytes(batch)
 
 
-def plan_batch(method, requested: int, n_rows: int, device: torch.device) -> tuple[int, list[str]]:
+def plan_batch(method: TrainedMethod, requested: int, n_rows: int,
+               device: torch.device) -> tuple[int, list[str]]:
     """The batch actually used, and why it differs from the requested one."""
     batch, reasons = requested, []
     per_pair = method.rows_per_pair
@@ -108,8 +106,8 @@ def _after_epoch(epoch: int) -> None:
     """Hook called after each epoch's checkpoint; tests replace it to simulate a kill."""
 
 
-def _optimizer_tensors(method, optimizer) -> dict[str, torch.Tensor]:
-    names = {id(p): n for n, p in method.model.named_parameters()}
+def _optimizer_tensors(method: TrainedMethod, optimizer) -> dict[str, torch.Tensor]:
+    names = {id(p): n for n, p in method.named_parameters()}
     out = {}
     for param, state in optimizer.state.items():
         for key, value in state.items():
@@ -117,9 +115,10 @@ def _optimizer_tensors(method, optimizer) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_optimizer(method, optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    device = next(method.model.parameters()).device
-    for name, param in method.model.named_parameters():
+def _load_optimizer(method: TrainedMethod, optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    named = list(method.named_parameters())
+    device = named[0][1].device
+    for name, param in named:
         state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items()
                  if k.startswith(f"optim.{name}.") and "." not in k[len(f"optim.{name}."):]}
         if state:
@@ -278,7 +277,7 @@ class Trainer:
         gen = torch.Generator(device=self.device).manual_seed(seed)
         perm = torch.randperm(len(train), generator=gen, device=self.device)
         rng = np.random.default_rng(seed)  # FuseMix's λ, drawn on the host as in its code
-        method.model.train()
+        method.train()
         total = torch.zeros((), device=self.device)
         self.step_losses = torch.zeros(self.steps_per_epoch, device=self.device)
         started = time.perf_counter()
@@ -295,7 +294,8 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_(method.model.parameters(), self.cfg["grad_clip"])
+                torch.nn.utils.clip_grad_norm_([p for _, p in method.named_parameters()],
+                                               self.cfg["grad_clip"])
             optimizer.step()
             method.after_step()
             total += loss.detach()
@@ -342,7 +342,7 @@ class Trainer:
     def _end_epoch(self, method, optimizer, val: Pairs, epoch: int, loss: float) -> None:
         val_metrics = validate(method, val, self.names)
         record = {"epoch": epoch, "step": epoch * self.steps_per_epoch, "train_loss": loss,
-                  "lr": self.last_lr, "temperature": float(method.model["loss"]().detach()),
+                  "lr": self.last_lr, **method.log_values(),
                   "pairs_per_s": self.last_rate, "val": val_metrics}
         value = val_metrics.get("mean_recall", -loss)  # no val rows: lowest loss is best
         # Non-finite encodings never make an epoch the best, whatever their recall reads.

@@ -26,6 +26,7 @@ from alignpipe.fsutil import (
 )
 from alignpipe.latents import as_store, encoder_identity, resolve_device, storage_dtype
 from alignpipe.methods import create_method
+from alignpipe.methods.losses import DEFAULT_LOSS
 from alignpipe.yamlsafe import YamlInputError, load_yaml
 
 CONFIG, LOG, METRICS, SUMMARY = "config.yaml", "log.txt", "metrics.jsonl", "run.json"
@@ -126,6 +127,10 @@ def _what(identity: dict) -> dict:
 
 def _comparable(old: dict, new: dict) -> tuple[dict, dict]:
     old, new = _what(old), _what(new)
+    old_config, new_config = old.get("config") or {}, new.get("config") or {}
+    if (isinstance(old_config, dict) and "loss" not in old_config
+            and new_config.get("loss") == DEFAULT_LOSS):  # a run recorded before the loss key
+        new["config"] = {k: v for k, v in new_config.items() if k != "loss"}
     for side, record in old["stores"].items():  # a run recorded before stores had rows
         if "rows" not in record:
             new["stores"].get(side, {}).pop("rows", None)

@@ -6,15 +6,18 @@ A method is built by name from its resolved config and the two latent dims::
     method.fit(train, val, loop=loop)       # trained methods need fit.py's loop; asif does not
     z = method.encode("a", latents)         # normalised encodings of side a
 
-Methods are composed from heads (heads.py), a loss (losses.py) and, for FuseMix, a batch
-transform (fusemix.py); none inherits from another. ``list_methods("*")`` takes wildcards.
+Methods are composed from heads (heads.py), a registered loss (losses.py, chosen by the config's
+``loss`` key) and, for FuseMix, a batch transform (fusemix.py); none inherits from another. The
+training loop uses a trained method only through `TrainedMethod` (base.py).
+``list_methods("*")`` and ``list_losses("*")`` take wildcards.
 """
 
 from __future__ import annotations
 
 # Each method module registers itself with the registry on import.
 from alignpipe.methods import asif, fusemix, linear, mlp  # noqa: F401
-from alignpipe.methods.base import Method, Pairs
+from alignpipe.methods.base import Method, Pairs, TrainedMethod
+from alignpipe.methods.losses import Loss, build_loss, list_losses, loss_spec, register_loss
 from alignpipe.methods.registry import (
     MethodSpec,
     create_method,
@@ -24,5 +27,6 @@ from alignpipe.methods.registry import (
     register_method,
 )
 
-__all__ = ["Method", "MethodSpec", "Pairs", "create_method", "is_registered", "list_methods",
-           "method_spec", "register_method"]
+__all__ = ["Loss", "Method", "MethodSpec", "Pairs", "TrainedMethod", "build_loss",
+           "create_method", "is_registered", "list_losses", "list_methods", "loss_spec",
+           "method_spec", "register_loss", "register_method"]

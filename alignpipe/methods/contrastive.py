@@ -1,8 +1,9 @@
-"""Trained methods: two heads and a contrastive loss, plus an optional batch transform.
+"""Trained methods: two heads and a registered loss, plus an optional batch transform.
 
 `linear`, `mlp` and `fusemix` are all a `HeadsMethod`; they differ only in the heads they are
-given and whether a `BatchTransform` (FuseMix's latent mixup) sits in front of them. The
-training loop itself lives in fit.py and is handed to `fit`.
+given and whether a `BatchTransform` (FuseMix's latent mixup) sits in front of them. The loss is
+the one the config's ``loss`` key names (losses.py). The training loop lives in fit/loop.py, is
+handed to `fit`, and uses only the `TrainedMethod` protocol (base.py), which this class keeps.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from alignpipe.methods.base import Loop, Pairs, check_side
 from alignpipe.methods.heads import Standardize, input_dim, matmul_flops_per_row
-from alignpipe.methods.losses import Temperature, symmetric_infonce
+from alignpipe.methods.losses import DEFAULT_LOSS, TEMPERATURE_DEFAULTS, Loss, build_loss
 
 ENCODE_CHUNK = 16384
 
@@ -31,19 +32,21 @@ class BatchTransform(Protocol):
                  rng: np.random.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
-def temperature_from(config: dict) -> Temperature:
-    return Temperature(config["temperature"], config["temperature_min"],
-                       config["temperature_max"], learnable=bool(config["learn_temperature"]))
+def loss_from(config: dict) -> Loss:
+    """The loss named by the config's ``loss`` key (infonce by default)."""
+    return build_loss(config)
 
 
 class HeadsMethod:
     trained = True
 
     def __init__(self, name: str, config: dict, head_a: nn.Module, head_b: nn.Module,
-                 temperature: Temperature, transform: BatchTransform | None = None):
+                 loss: Loss, transform: BatchTransform | None = None):
         self.name = name
         self.config = config
-        self.model = nn.ModuleDict({"a": head_a, "b": head_b, "loss": temperature})
+        self.loss = loss
+        # The loss's learnable state (infonce: the temperature) is saved as ``loss.*``.
+        self.model = nn.ModuleDict({"a": head_a, "b": head_b, "loss": loss.state})
         if config.get("standardize"):
             for side, head in (("a", head_a), ("b", head_b)):
                 dim = input_dim(head)
@@ -74,14 +77,26 @@ class HeadsMethod:
         """Loss of one step's block of raw latents (its rows = batch × rows_per_pair)."""
         xa, xb = xa.float(), xb.float()
         batches = self.transform(xa, xb, rng) if self.transform else [(xa, xb)]
-        t = self.model["loss"]()
-        losses = [symmetric_infonce(self.model["a"](self._inputs("a", a)),
-                                    self.model["b"](self._inputs("b", b)), t)
+        losses = [self.loss(self.model["a"](self._inputs("a", a)),
+                            self.model["b"](self._inputs("b", b)))
                   for a, b in batches]
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def after_step(self) -> None:
-        self.model["loss"].clamp_()
+        self.loss.after_step()
+
+    def log_values(self) -> dict[str, float]:
+        """Per-epoch values for metrics.jsonl besides the loss (infonce: the temperature)."""
+        return self.loss.log_values()
+
+    def named_parameters(self):
+        """(name, parameter) of everything trained, named as in `state_tensors`."""
+        return self.model.named_parameters()
+
+    def train(self, mode: bool = True) -> HeadsMethod:
+        """Training mode (dropout on) or eval mode for every module."""
+        self.model.train(mode)
+        return self
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """Decay weight matrices only; biases, LayerNorms and the temperature are left alone."""
@@ -103,6 +118,15 @@ class HeadsMethod:
         heads = 3 * batch * sum(multiples) * per_row
         loss = sum(3 * 2 * (m * batch) ** 2 * self.out_dim for m in multiples)
         return heads + loss
+
+    def step_bytes(self, batch: int) -> int:
+        """Rough activation memory of one step: saved Linear inputs/outputs plus the logits."""
+        multiples = self.transform.batch_multiples if self.transform else (1,)
+        per_row = sum(m.in_features + 2 * m.out_features
+                      for side in ("a", "b") for m in self.model[side].modules()
+                      if isinstance(m, nn.Linear))
+        rows = batch * sum(multiples) + batch * self.rows_per_pair
+        return 4 * (rows * per_row + sum(6 * (m * batch) ** 2 for m in multiples))
 
     @property
     def out_dim(self) -> int:
@@ -139,10 +163,8 @@ class HeadsMethod:
 
 # Config keys every trained method understands (the loop's own keys live in fit.py).
 LOSS_DEFAULTS = {
-    "temperature": 0.07,        # FuseMix / CLIP initial value
-    "temperature_min": 0.001,   # FuseMix clamps the temperature into [0.001, 0.5]
-    "temperature_max": 0.5,
-    "learn_temperature": True,
+    "loss": DEFAULT_LOSS,       # a registered loss (losses.py); its own keys come with it
+    **TEMPERATURE_DEFAULTS,     # infonce's (FuseMix: 0.07, clamped into [0.001, 0.5])
     # Standardise each latent feature with train-split statistics before the heads (off in
     # the papers' code); helps encoders whose latents sit in a narrow cone.
     "standardize": False,

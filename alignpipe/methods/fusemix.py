@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from alignpipe.methods.contrastive import HeadsMethod, temperature_from
+from alignpipe.methods.contrastive import HeadsMethod, loss_from
 from alignpipe.methods.mlp import MLP_DEFAULTS, mlp_heads
 from alignpipe.methods.registry import register_method
 
@@ -42,4 +42,4 @@ class FuseMix:
 def build_fusemix(config: dict, dim_a: int, dim_b: int) -> HeadsMethod:
     head_a, head_b = mlp_heads(config, dim_a, dim_b)
     mix = FuseMix(float(config["alpha"]), bool(config["keep_unmixed"]))
-    return HeadsMethod("fusemix", config, head_a, head_b, temperature_from(config), mix)
+    return HeadsMethod("fusemix", config, head_a, head_b, loss_from(config), mix)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from alignpipe.errors import AlignpipeError
-from alignpipe.methods.contrastive import LOSS_DEFAULTS, HeadsMethod, temperature_from
+from alignpipe.methods.contrastive import LOSS_DEFAULTS, HeadsMethod, loss_from
 from alignpipe.methods.heads import linear_head
 from alignpipe.methods.registry import register_method
 
@@ -42,4 +42,4 @@ def build_linear(config: dict, dim_a: int, dim_b: int) -> HeadsMethod:
     out = _out_dim(config, dims)
     heads = {side: nn.Identity() if config.get("identity_side") == side
              else linear_head(dims[side], out, bias=bool(config["bias"])) for side in dims}
-    return HeadsMethod("linear", config, heads["a"], heads["b"], temperature_from(config))
+    return HeadsMethod("linear", config, heads["a"], heads["b"], loss_from(config))

@@ -1,10 +1,25 @@
-"""Symmetric InfoNCE with a learnable, clamped temperature (as in the FuseMix code)."""
+"""Contrastive losses, registered by name: symmetric InfoNCE with a learnable, clamped
+temperature (as in the FuseMix code) today.
+
+A loss is a class registered with ``@register_loss(name, defaults=...)``; a trained method builds
+the one its config's ``loss`` key names (``build_loss(config)``). It holds its learnable state as
+one ``nn.Module`` (``state``: saved with the heads under ``loss.*``), maps one batch of paired
+encodings to a scalar (``__call__(za, zb)``), keeps its state in range after each optimiser step
+(``after_step``) and says what to log per epoch (``log_values``). `defaults` are the config keys
+it reads, so ``fit --set`` checks them like the method's own.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from alignpipe.registry import Registry
 
 
 class Temperature(nn.Module):
@@ -47,3 +62,83 @@ def symmetric_infonce(za: torch.Tensor, zb: torch.Tensor,
         logits = za @ zb.T / temperature.float()
         target = torch.arange(za.shape[0], device=za.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+# ---- the loss registry --------------------------------------------------------------------------
+class Loss(Protocol):
+    """One batch of paired encodings (row i of each is a positive pair) in, a scalar out."""
+
+    state: nn.Module  # learnable parameters and buffers, saved with the heads as ``loss.*``
+
+    def __call__(self, za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor: ...
+
+    def after_step(self) -> None: ...
+
+    def log_values(self) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """How to build a loss from a method's resolved config, and the config keys it reads."""
+
+    name: str
+    build: Callable[[dict], Loss]
+    defaults: dict = field(default_factory=dict)
+    description: str = ""
+
+
+LOSSES: Registry[LossSpec] = Registry("loss")
+
+
+def register_loss(name: str, *, defaults: dict, description: str = ""):
+    """Decorator: register ``build(config) -> Loss`` (a class or a function) under `name`."""
+
+    def wrap(build):
+        LOSSES.add(name, LossSpec(name, build, dict(defaults), description))
+        return build
+
+    return wrap
+
+
+def list_losses(pattern: str = "*") -> list[str]:
+    """Registered loss names matching a shell-style wildcard, sorted."""
+    return LOSSES.names(pattern)
+
+
+def loss_spec(name: str) -> LossSpec:
+    return LOSSES.get(name)
+
+
+def build_loss(config: dict) -> Loss:
+    """The loss the config's ``loss`` key names (infonce when absent), built from its keys."""
+    spec = loss_spec(config.get("loss", DEFAULT_LOSS))
+    return spec.build({**spec.defaults, **config})
+
+
+DEFAULT_LOSS = "infonce"
+TEMPERATURE_DEFAULTS = {
+    "temperature": 0.07,        # FuseMix / CLIP initial value
+    "temperature_min": 0.001,   # FuseMix clamps the temperature into [0.001, 0.5]
+    "temperature_max": 0.5,
+    "learn_temperature": True,
+}
+
+
+@register_loss("infonce", defaults=TEMPERATURE_DEFAULTS,
+               description="symmetric InfoNCE, learnable temperature clamped after each step")
+class InfoNCE:
+    """`symmetric_infonce` at a `Temperature` (the state, saved as ``loss.temperature``)."""
+
+    def __init__(self, config: dict):
+        self.state = Temperature(config["temperature"], config["temperature_min"],
+                                 config["temperature_max"],
+                                 learnable=bool(config["learn_temperature"]))
+
+    def __call__(self, za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
+        return symmetric_infonce(za, zb, self.state())
+
+    def after_step(self) -> None:
+        self.state.clamp_()
+
+    def log_values(self) -> dict[str, float]:
+        return {"temperature": float(self.state().detach())}

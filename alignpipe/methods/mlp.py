@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from alignpipe.methods.contrastive import LOSS_DEFAULTS, HeadsMethod, temperature_from
+from alignpipe.methods.contrastive import LOSS_DEFAULTS, HeadsMethod, loss_from
 from alignpipe.methods.heads import mlp_head
 from alignpipe.methods.registry import register_method
 
@@ -27,4 +27,4 @@ def mlp_heads(config: dict, dim_a: int, dim_b: int):
                  description="residual MLP heads per side, plain InfoNCE (freeze-align, APE)")
 def build_mlp(config: dict, dim_a: int, dim_b: int) -> HeadsMethod:
     head_a, head_b = mlp_heads(config, dim_a, dim_b)
-    return HeadsMethod("mlp", config, head_a, head_b, temperature_from(config))
+    return HeadsMethod("mlp", config, head_a, head_b, loss_from(config))

@@ -6,12 +6,12 @@ so this module never imports a method back.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from alignpipe.errors import AlignpipeError
 from alignpipe.methods.base import Method
+from alignpipe.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -25,16 +25,14 @@ class MethodSpec:
     description: str = ""
 
 
-_REGISTRY: dict[str, MethodSpec] = {}
+METHODS: Registry[MethodSpec] = Registry("method")
 
 
 def register_method(name: str, *, defaults: dict, trained: bool = True, description: str = ""):
     """Decorator: register ``build(config, dim_a, dim_b) -> Method`` under `name`."""
 
     def wrap(build):
-        if name in _REGISTRY:
-            raise ValueError(f"method {name!r} registered twice")
-        _REGISTRY[name] = MethodSpec(name, build, dict(defaults), trained, description)
+        METHODS.add(name, MethodSpec(name, build, dict(defaults), trained, description))
         return build
 
     return wrap
@@ -42,17 +40,17 @@ def register_method(name: str, *, defaults: dict, trained: bool = True, descript
 
 def list_methods(pattern: str = "*") -> list[str]:
     """Registered method names matching a shell-style wildcard, sorted."""
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    return METHODS.names(pattern)
 
 
 def is_registered(name: str) -> bool:
-    return name in _REGISTRY
+    return name in METHODS
 
 
 def method_spec(name: str) -> MethodSpec:
-    if name not in _REGISTRY:
+    if name not in METHODS:
         raise AlignpipeError(f"unknown method {name!r}; registered: {', '.join(list_methods())}")
-    return _REGISTRY[name]
+    return METHODS.get(name)
 
 
 def create_method(name: str, config: dict, dim_a: int, dim_b: int) -> Method:
