@@ -14,9 +14,35 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from alignpipe.errors import AlignpipeError
 from alignpipe.fsutil import DiskError, describe_os_error
+
+
+class _BuilderGroup(TyperGroup):
+    """`alignpipe manifest`: one command per registered builder, made from its declared options
+    (alignpipe/builders/registry.py, _builder_command below) when first asked for (so a
+    builder registered after this module was imported is a command too)."""
+
+    def _add_builders(self) -> None:
+        from alignpipe.builders import builder_spec, list_builders
+
+        for kind in list_builders():
+            spec = builder_spec(kind)
+            if spec.cli and kind not in self.commands:
+                single = typer.Typer(add_completion=False)
+                single.command(kind, help=spec.help)(_builder_command(spec))
+                self.add_command(typer.main.get_command(single), kind)
+
+    def list_commands(self, ctx):
+        self._add_builders()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx, cmd_name):
+        self._add_builders()
+        return super().get_command(ctx, cmd_name)
+
 
 app = typer.Typer(
     name="alignpipe",
@@ -26,7 +52,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 manifest_app = typer.Typer(help="Make manifests: the toy dataset and public dataset layouts.",
-                           no_args_is_help=True)
+                           no_args_is_help=True, cls=_BuilderGroup)
 eval_app = typer.Typer(help="Score a run (or two stores in one space): retrieval, zero-shot.",
                        no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that print ratios measured in one run.",
@@ -156,25 +182,6 @@ def import_(
                             overwrite=overwrite)
     console.print(f"imported {result['rows']} rows ({result['valid']} valid) × {result['dim']} "
                   f"into {result['path']}")
-
-
-# ---- manifest -----------------------------------------------------------------------------------
-@manifest_app.command("toy")
-@friendly
-def manifest_toy(
-    out: Annotated[Path, typer.Argument(help="Output folder.")],
-    rows: Annotated[int, typer.Option(help="Rows (captions) to make.")] = 600,
-    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same bytes.")] = 0,
-    captions_per_item: Annotated[int, typer.Option(help="Rows sharing one image and clip.")] = 2,
-) -> None:
-    """Generate the deterministic toy image–text–audio dataset."""
-    from alignpipe.toy import make_toy
-
-    if rows < 1 or captions_per_item < 1:
-        raise AlignpipeError("--rows and --captions-per-item must be at least 1")
-    paths = make_toy(out, rows=rows, seed=seed, captions_per_item=captions_per_item,
-                     progress=rows > 5000)
-    console.print(f"wrote {paths['manifest']} ({rows} rows) and {paths['prompts']}")
 
 
 # ---- embed (stage one) --------------------------------------------------------------------------
@@ -550,252 +557,31 @@ def bench_all(
 
 
 # ---- manifest builders --------------------------------------------------------------------------
-OutManifestArg = Annotated[Path, typer.Argument(help="Manifest to write (.parquet).")]
-CheckFilesOpt = Annotated[bool, typer.Option(
-    "--check-files/--no-check-files",
-    help="Verify media files exist; missing ones are reported by name and count.")]
-SkipMissingOpt = Annotated[bool, typer.Option(
-    help="Leave rows with missing media out (and report how many) instead of refusing.")]
-SkipIncompleteOpt = Annotated[bool, typer.Option(
-    help="Leave samples without a caption (or image) out instead of refusing.")]
-BuildSplitOpt = Annotated[str | None, typer.Option(
-    help="Split for every row: train, val or test (default: train).")]
-SplitFractionsOpt = Annotated[str | None, typer.Option(
-    help="Assign seeded splits instead: train,val,test fractions summing to 1, e.g. "
-         "0.8,0.1,0.1. Rows sharing an image or audio file stay together.")]
-SplitSeedOpt = Annotated[int, typer.Option(help="Seed of --split-fractions: same seed, same "
-                                                "split, whatever the row order.")]
+# One `alignpipe manifest <kind>` command per registered builder, made from its declared options
+# (alignpipe/builders/registry.py): arguments in declaration order, then --options.
+def _builder_command(spec):
+    """The typer callback of `alignpipe manifest <spec.kind>`."""
+    import inspect
 
+    parameters = []
+    for option in spec.cli_options():
+        declare = typer.Argument if option.positional else typer.Option
+        kind = option.type if option.required or option.default is not None else (
+            option.type | None)
+        parameters.append(inspect.Parameter(
+            option.name, inspect.Parameter.KEYWORD_ONLY, default=option.default,
+            annotation=Annotated[kind, declare(help=option.help)]))
 
-def _split_plan(fractions: str | None, seed: int, override: bool = False):
-    from alignpipe.builders import SplitPlan
+    def command(**values) -> None:
+        result = spec.run(values, progress=True)
+        text = result.summary() if hasattr(result, "summary") else str(result)
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
 
-    return SplitPlan.parse(fractions, seed, override) if fractions is not None else None
-
-
-def _print_built(result) -> None:
-    console.print(result.summary(), markup=False, highlight=False, soft_wrap=True)
-
-
-@manifest_app.command("imagenet")
-@friendly
-def manifest_imagenet(
-    source: Annotated[Path, typer.Argument(
-        help="val/ with class subfolders (n01440764/...), or a flat folder with --labels.")],
-    out: OutManifestArg,
-    labels: Annotated[Path | None, typer.Option(
-        help="Flat folder only: the devkit's ILSVRC2012_validation_ground_truth.txt, or "
-             "'filename<TAB|,|space>label' lines (label = wnid or 0-based sorted-wnid "
-             "index).")] = None,
-    devkit_meta: Annotated[Path | None, typer.Option(
-        help="The devkit's data/meta.mat (default: next to --labels), mapping its 1-based "
-             "ILSVRC2012_IDs to wnids.")] = None,
-    check_files: CheckFilesOpt = True,
-    skip_missing: SkipMissingOpt = False,
-) -> None:
-    """ImageNet val: id, image, label (CLIP class name), class_id (wnid), split=test."""
-    from alignpipe.builders import build_imagenet, check_policy
-
-    _print_built(build_imagenet(source, out, labels=labels, devkit_meta=devkit_meta,
-                                check=check_policy(check_files, skip_missing)))
-
-
-@manifest_app.command("prompts")
-@friendly
-def manifest_prompts(
-    out: OutManifestArg,
-    classes: Annotated[str, typer.Option(
-        help="'imagenet' (CLIP's 1000 names) or a file with one class name per line.")
-    ] = "imagenet",
-    templates: Annotated[str, typer.Option(
-        help="clip80, asif7, photo, or a file with one template per line ('{}' = class).")
-    ] = "clip80",
-) -> None:
-    """Zero-shot prompts: one row (id, text, label; imagenet: class_id) per class × template."""
-    from alignpipe.builders import build_prompts
-
-    _print_built(build_prompts(out, classes=classes, template_set=templates))
-
-
-def _karpathy_cli(dataset: str, source: Path, out: Path, images: Path | None,
-                  captions_per_image: int, check_files: bool, skip_missing: bool) -> None:
-    from alignpipe.builders import build_karpathy, check_policy
-
-    _print_built(build_karpathy(source, out, dataset, images=images,
-                                captions_per_image=captions_per_image,
-                                check=check_policy(check_files, skip_missing)))
-
-
-KarpathyImagesOpt = Annotated[Path | None, typer.Option(
-    help="Image root (default: the JSON's folder).")]
-CaptionsPerImageOpt = Annotated[int, typer.Option(help="Captions kept per image, in file order.")]
-
-
-@manifest_app.command("coco")
-@friendly
-def manifest_coco(
-    source: Annotated[Path, typer.Argument(help="Karpathy's dataset_coco.json.")],
-    out: OutManifestArg,
-    images: KarpathyImagesOpt = None,
-    captions_per_image: CaptionsPerImageOpt = 5,
-    check_files: CheckFilesOpt = True,
-    skip_missing: SkipMissingOpt = False,
-) -> None:
-    """COCO Karpathy splits: 5 rows per image at IMAGES/filepath/filename; restval -> train."""
-    _karpathy_cli("coco", source, out, images, captions_per_image, check_files, skip_missing)
-
-
-@manifest_app.command("flickr30k")
-@friendly
-def manifest_flickr30k(
-    source: Annotated[Path, typer.Argument(help="Karpathy's dataset_flickr30k.json.")],
-    out: OutManifestArg,
-    images: KarpathyImagesOpt = None,
-    captions_per_image: CaptionsPerImageOpt = 5,
-    check_files: CheckFilesOpt = True,
-    skip_missing: SkipMissingOpt = False,
-) -> None:
-    """Flickr30K Karpathy splits: 5 rows per image at IMAGES/filename."""
-    _karpathy_cli("flickr30k", source, out, images, captions_per_image, check_files, skip_missing)
-
-
-@manifest_app.command("cc3m")
-@friendly
-def manifest_cc3m(
-    source: Annotated[Path, typer.Argument(
-        help="A TSV/CSV with a header (caption + image path columns), or img2dataset's output "
-             "folder (00000/000000000.jpg + .txt).")],
-    out: OutManifestArg,
-    caption_column: Annotated[str | None, typer.Option(
-        help="TSV: caption column (default: caption, title or text).")] = None,
-    path_column: Annotated[str | None, typer.Option(
-        help="TSV: image path column (default: filepath, image, image_path, path, file, "
-             "filename).")] = None,
-    id_column: Annotated[str | None, typer.Option(
-        help="TSV: id column (default: the 0-based data row, 9 digits).")] = None,
-    images: Annotated[Path | None, typer.Option(
-        help="TSV: folder the paths are relative to (default: the TSV's folder).")] = None,
-    split: BuildSplitOpt = None,
-    split_fractions: SplitFractionsOpt = None,
-    split_seed: SplitSeedOpt = 0,
-    skip_incomplete: SkipIncompleteOpt = False,
-    check_files: CheckFilesOpt = True,
-    skip_missing: SkipMissingOpt = False,
-) -> None:
-    """CC3M / CC12M (or any downloaded image-caption table): id, image, text, split."""
-    from alignpipe.builders import build_cc3m, check_policy
-
-    _print_built(build_cc3m(source, out, caption_column=caption_column, path_column=path_column,
-                            id_column=id_column, images=images, split=split,
-                            skip_incomplete=skip_incomplete,
-                            check=check_policy(check_files, skip_missing),
-                            split_plan=_split_plan(split_fractions, split_seed)))
-
-
-@manifest_app.command("webdataset")
-@friendly
-def manifest_webdataset(
-    shards: Annotated[str, typer.Argument(
-        help="'DIR/{00000..00099}.tar' (quote it), a folder of .tar, or one .tar.")],
-    out: OutManifestArg,
-    split: BuildSplitOpt = None,
-    split_fractions: SplitFractionsOpt = None,
-    split_seed: SplitSeedOpt = 0,
-    skip_incomplete: SkipIncompleteOpt = False,
-    check_files: CheckFilesOpt = True,
-    skip_missing: SkipMissingOpt = False,
-) -> None:
-    """img2dataset tar shards, each read once: image 'shard.tar::key.jpg', text from key.txt."""
-    from alignpipe.builders import build_webdataset, check_policy
-
-    _print_built(build_webdataset(shards, out, split=split, skip_incomplete=skip_incomplete,
-                                  check=check_policy(check_files, skip_missing),
-                                  split_plan=_split_plan(split_fractions, split_seed)))
-
-
-AudioRootOpt = Annotated[Path | None, typer.Option(
-    help="Folder holding the audio files, searched recursively (default: SOURCE's folder).")]
-
-
-@manifest_app.command("audiocaps")
-@friendly
-def manifest_audiocaps(
-    source: Annotated[Path, typer.Argument(
-        help="Folder with train.csv/val.csv/test.csv, or one of them.")],
-    out: OutManifestArg,
-    audio: AudioRootOpt = None,
-    naming: Annotated[str, typer.Option(
-        help="How clips are named: auto, youtube_id (also Y<id>, <id>_<start>) or "
-             "audiocap_id.")] = "auto",
-    check_files: CheckFilesOpt = True,
-    skip_missing: SkipMissingOpt = False,
-) -> None:
-    """AudioCaps: one row per caption (id = audiocap_id), split from the CSV's name."""
-    from alignpipe.builders import build_audiocaps, check_policy
-
-    _print_built(build_audiocaps(source, out, audio=audio, naming=naming,
-                                 check=check_policy(check_files, skip_missing)))
-
-
-@manifest_app.command("clotho")
-@friendly
-def manifest_clotho(
-    source: Annotated[Path, typer.Argument(
-        help="Folder with clotho_captions_{development,validation,evaluation}.csv, or one.")],
-    out: OutManifestArg,
-    audio: AudioRootOpt = None,
-    check_files: CheckFilesOpt = True,
-    skip_missing: SkipMissingOpt = False,
-) -> None:
-    """Clotho: 5 rows per clip; development/validation/evaluation -> train/val/test."""
-    from alignpipe.builders import build_clotho, check_policy
-
-    _print_built(build_clotho(source, out, audio=audio,
-                              check=check_policy(check_files, skip_missing)))
-
-
-@manifest_app.command("folder")
-@friendly
-def manifest_folder(
-    source: Annotated[Path, typer.Argument(help="A folder of images and/or audio files.")],
-    out: OutManifestArg,
-    label_from_folder: Annotated[bool, typer.Option(
-        help="Use each file's parent folder (relative to SOURCE) as its label.")] = False,
-    split: Annotated[str | None, typer.Option(
-        help="Split for every row (default: no split column).")] = None,
-    split_fractions: SplitFractionsOpt = None,
-    split_seed: SplitSeedOpt = 0,
-    skip_incomplete: SkipIncompleteOpt = False,
-    check_files: CheckFilesOpt = True,
-    skip_missing: SkipMissingOpt = False,
-) -> None:
-    """Media files with same-stem .txt captions: x.jpg (+ x.wav) + x.txt -> one row."""
-    from alignpipe.builders import build_folder, check_policy
-
-    _print_built(build_folder(source, out, label_from_folder=label_from_folder, split=split,
-                              skip_incomplete=skip_incomplete,
-                              check=check_policy(check_files, skip_missing),
-                              split_plan=_split_plan(split_fractions, split_seed)))
-
-
-@manifest_app.command("split")
-@friendly
-def manifest_split(
-    source: Annotated[Path, typer.Argument(help="A manifest (.parquet, .csv, .tsv, .jsonl).")],
-    out: OutManifestArg,
-    split_fractions: Annotated[str, typer.Option(
-        help="train,val,test fractions summing to 1, e.g. 0.8,0.1,0.1. Rows sharing an image "
-             "or audio file stay together.")],
-    split_seed: SplitSeedOpt = 0,
-    override_split: Annotated[bool, typer.Option(
-        help="Replace an existing split column (by default it is kept, and said so).")] = False,
-) -> None:
-    """Add seeded train/val/test splits to a manifest; do it before embedding anything."""
-    # Any later edit of the manifest changes its sha256 and so invalidates its stores.
-    from alignpipe.builders import build_split
-
-    _print_built(build_split(source, out, _split_plan(split_fractions, split_seed,
-                                                      override_split)))
+    command.__name__ = f"manifest_{spec.kind}"
+    command.__doc__ = spec.help
+    command = friendly(command)
+    command.__signature__ = inspect.Signature(parameters)
+    return command
 
 
 def main() -> None:

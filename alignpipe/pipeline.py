@@ -55,6 +55,8 @@ import yaml
 from alignpipe.errors import AlignpipeError
 from alignpipe.fsutil import atomic_write_text
 from alignpipe.names import plain_name_problem
+from alignpipe.planning import did_you_mean as _close
+from alignpipe.planning import make_option_problems
 from alignpipe.yamlsafe import load_yaml
 
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -125,12 +127,6 @@ def _unshared(value):
     if isinstance(value, list):
         return [_unshared(v) for v in value]
     return value
-
-
-def _close(word: str, options) -> str:
-    """``; did you mean x?`` when `word` is a likely typo of one of `options`."""
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=3, cutoff=0.6)
-    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 _ANY = "*"  # any key here; the value is checked where the step uses it (check_plan)
@@ -381,21 +377,6 @@ def _fit_step_problems(sid, step: dict, plan: dict) -> list[str]:
     return problems
 
 
-def _toy_make_problems(make) -> list[str]:
-    """Options of a ``make: {kind: toy}`` block make_toy does not take (other kinds are checked
-    against their builder's signature by planning.make_manifest before anything is built)."""
-    if not isinstance(make, dict) or make.get("kind") != "toy":
-        return []
-    import inspect
-
-    from alignpipe.toy import make_toy
-
-    accepted = set(inspect.signature(make_toy).parameters) - {"progress"}
-    unknown = sorted(set(map(str, make)) - accepted - {"kind"})
-    return [f"make toy: unknown option(s) {', '.join(unknown)}" + _close(unknown[0], accepted)
-            + f"; it takes {', '.join(sorted(accepted))}"] if unknown else []
-
-
 # ---- checking -----------------------------------------------------------------------------------
 def check_plan(plan: dict) -> list[str]:
     """Structural problems: unknown references, unregistered encoders and methods.
@@ -411,7 +392,8 @@ def check_plan(plan: dict) -> list[str]:
         if not isinstance(step, dict) or "manifest" not in step:
             problems.append(f"data.{sid}: needs a 'manifest' path")
             continue
-        problems += [f"data.{sid}: {p}" for p in _toy_make_problems(step.get("make"))]
+        if step.get("make") is not None:
+            problems += [f"data.{sid}: {p}" for p in make_option_problems(step["make"])]
     for sid, step in plan["embed"].items():
         if not isinstance(step, dict):
             problems.append(f"embed.{sid}: must be a mapping")

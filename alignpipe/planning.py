@@ -6,92 +6,126 @@ message naming every missing input, not a traceback half-way through.
 
 from __future__ import annotations
 
-import inspect
+import difflib
 import os
 import socket
 from pathlib import Path
 
 from alignpipe.errors import AlignpipeError
 
-# make.kind -> (builder, option that holds the main source, other options that are paths)
-BUILDERS: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
-    "toy": ("toy", None, ()),
-    "prompts": ("build_prompts", None, ()),
-    "imagenet": ("build_imagenet", "source", ("labels", "devkit_meta")),
-    "coco": ("build_karpathy", "source", ("images",)),
-    "flickr30k": ("build_karpathy", "source", ("images",)),
-    "cc3m": ("build_cc3m", "source", ("images",)),
-    "cc12m": ("build_cc3m", "source", ("images",)),
-    "webdataset": ("build_webdataset", "source", ()),
-    "audiocaps": ("build_audiocaps", "source", ("audio",)),
-    "clotho": ("build_clotho", "source", ("audio",)),
-    "folder": ("build_folder", "source", ()),
-}
-WHERE_TO_GET = {
-    "imagenet": "ImageNet ILSVRC2012 validation images (image-net.org, after registration)",
-    "coco": "COCO 2014 images (cocodataset.org) and Karpathy's dataset_coco.json",
-    "flickr30k": "Flickr30K images (by request from its authors) and dataset_flickr30k.json",
-    "cc3m": "CC3M/CC12M downloaded with img2dataset (a TSV of caption + file, or its output "
-            "folder)",
-    "cc12m": "CC12M downloaded with img2dataset",
-    "webdataset": "img2dataset webdataset tars, e.g. /data/cc3m/{00000..00331}.tar",
-    "audiocaps": "AudioCaps CSVs (github.com/cdjkim/audiocaps) and the downloaded clips",
-    "clotho": "Clotho v2 captions CSVs and audio (zenodo)",
-}
+
+def did_you_mean(word: str, options) -> str:
+    """``; did you mean x?`` when `word` is a likely typo of one of `options`."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def _spec(make: dict):
+    """The registered builder a make: block names, or an AlignpipeError naming the known ones."""
+    from alignpipe.builders import builder_spec, list_builders
+
+    kind = make.get("kind")
+    known = list_builders()
+    if not isinstance(kind, str) or kind not in known:
+        raise AlignpipeError(f"unknown make kind {kind!r}" + did_you_mean(str(kind), known)
+                             + f"; use one of {', '.join(known)}")
+    return builder_spec(kind)
+
+
+def _coerce(kind: str, option, key: str, value):
+    """A make: value as the option's type: YAML (or --set, which gives text) to int/float/bool."""
+    wanted = option.type
+    if value is None or wanted in (str, Path):
+        if isinstance(value, (dict, list)):
+            raise AlignpipeError(f"make {kind}: {key} must be a single value, got {value!r}")
+        return value
+    if wanted is bool:
+        text = str(value).strip().lower()
+        if isinstance(value, bool) or text in ("true", "false", "yes", "no", "1", "0"):
+            return value if isinstance(value, bool) else text in ("true", "yes", "1")
+    elif wanted in (int, float) and not isinstance(value, bool):
+        try:
+            number = wanted(value)
+            if wanted is float or float(value) == number:
+                return number
+        except (TypeError, ValueError):
+            pass
+    raise AlignpipeError(f"make {kind}: {key} must be {wanted.__name__}, got {value!r}")
+
+
+def make_option_problems(make) -> list[str]:
+    """What a ``make:`` block gets wrong before anything runs: an unknown kind, or options its
+    builder does not declare (named, with close matches)."""
+    if not isinstance(make, dict):
+        return ["make must be a mapping with a 'kind'"]
+    try:
+        spec = _spec(make)
+    except AlignpipeError as err:
+        return [str(err)]
+    keys = spec.make_options()
+    unknown = sorted(set(map(str, make)) - set(keys) - {"kind"})
+    if not unknown:
+        return []
+    takes = sorted({o.name for o in keys.values()})
+    return [f"make {spec.kind}: unknown option(s) {', '.join(unknown)}"
+            + did_you_mean(unknown[0], takes) + f"; it takes {', '.join(takes)}"]
+
+
+def _make_values(make: dict, manifest: Path):
+    """(spec, keyword values) of a make: block: keys checked, aliases resolved, types coerced."""
+    problems = make_option_problems(make)
+    if problems:
+        raise AlignpipeError(problems[0])
+    spec = _spec(make)
+    keys = spec.make_options()
+    values = {}
+    for key, value in make.items():
+        if key == "kind":
+            continue
+        option = keys[key]
+        if option.name in values:
+            raise AlignpipeError(f"make {spec.kind}: {key} and {option.name} are the same option; "
+                                 f"give one")
+        values[option.name] = _coerce(spec.kind, option, key, value)
+    if spec.writes_folder:
+        values.setdefault("out", manifest.parent)
+    else:
+        values["out"] = manifest
+    return spec, values
 
 
 def make_source_problems(make: dict) -> list[str]:
     """Paths a ``make:`` block names that do not exist (empty when it can run)."""
-    kind = make.get("kind")
-    if kind not in BUILDERS:
-        return [f"unknown make kind {kind!r}; use one of {', '.join(BUILDERS)}"]
-    _, main, others = BUILDERS[kind]
+    try:
+        spec = _spec(make)
+    except AlignpipeError as err:
+        return [str(err)]
+    keys = spec.make_options()
+    given = {keys[k].name: v for k, v in make.items() if k in keys}
     problems = []
-    hint = WHERE_TO_GET.get(kind, "")
-    if main:
-        source = make.get(main)
+    hint = spec.where_to_get
+    if spec.source:
+        source = given.get(spec.source)
         if not source:
-            problems.append(f"make {kind} needs '{main}'" + (f" ({hint})" if hint else ""))
+            problems.append(f"make {spec.kind} needs '{spec.source}'"
+                            + (f" ({hint})" if hint else ""))
         elif "{" not in str(source) and not Path(source).exists():
             problems.append(f"{source} does not exist" + (f": {hint}" if hint else ""))
-    for option in others:
-        value = make.get(option)
-        if value and not Path(value).exists():
-            problems.append(f"{option} {value} does not exist")
+    for option in spec.options:
+        value = given.get(option.name)
+        if option.exists and option.name != spec.source and value and not Path(value).exists():
+            problems.append(f"{option.name} {value} does not exist")
     return problems
 
 
 def make_manifest(step: dict) -> Path:
     """Build the manifest a data step names (``make: {kind: ..., ...}``) at its path."""
-    from alignpipe import builders
-
-    make = dict(step["make"])
-    kind = make.pop("kind")
     out = Path(step["manifest"])
-    if kind not in BUILDERS:
-        raise AlignpipeError(f"unknown make kind {kind!r}; use one of {', '.join(BUILDERS)}")
-    if kind == "toy":
-        from alignpipe.toy import make_toy
-
-        folder = Path(make.pop("out", out.parent))
-        make_toy(folder, **make)
-        if not out.exists():
-            raise AlignpipeError(f"make toy wrote into {folder} but {out} is not among its "
-                                 f"files (toy.parquet, prompts.parquet)")
-        return out
-    function = getattr(builders, BUILDERS[kind][0])
-    if kind in ("coco", "flickr30k"):
-        make["dataset"] = kind
-    if kind == "webdataset":
-        make["shards"] = make.pop("source")
-    if kind == "prompts" and "templates" in make:
-        make["template_set"] = make.pop("templates")
-    accepted = set(inspect.signature(function).parameters) - {"out"}
-    unknown = sorted(set(make) - accepted)
-    if unknown:
-        raise AlignpipeError(f"make {kind}: unknown option(s) {', '.join(unknown)}; it takes "
-                             f"{', '.join(sorted(accepted))}")
-    function(out=out, **make)
+    spec, values = _make_values(dict(step["make"]), out)
+    spec.run(values)
+    if spec.writes_folder and not out.exists():
+        raise AlignpipeError(f"make {spec.kind} wrote into {values['out']} but {out} is not among "
+                             f"its files")
     return out
 
 

@@ -168,7 +168,8 @@ def test_unknown_make_option_is_named_and_builder_bugs_are_not_masked(tmp_path):
     step = {"manifest": str(tmp_path / "p.parquet"),
             "make": {"kind": "prompts", "classes": "imagenet", "tempaltes": "clip80"}}
     with pytest.raises(AlignpipeError, match=r"make prompts: unknown option\(s\) tempaltes; "
-                                             r"it takes classes, template_set"):
+                                             r"did you mean templates\?; it takes classes, "
+                                             r"templates$"):
         make_manifest(step)
     assert not (tmp_path / "p.parquet").exists()
 

@@ -4,7 +4,9 @@ Every builder reads a dataset as it is downloaded, refuses a malformed layout wi
 ManifestError that names the file and line or entry, checks that media exist (``check``:
 ``"error"`` refuses and lists the missing files, ``"skip"`` leaves those rows out and reports how
 many, ``"off"`` trusts the paths), writes rows in a deterministic order, and returns a
-BuildResult. Media cells are relative to the manifest's folder when the file lies inside it,
+BuildResult. Each builder registers itself with its options (alignpipe/builders/registry.py); the
+`alignpipe manifest` commands and a pipeline's ``make:`` blocks are made from those declarations.
+Media cells are relative to the manifest's folder when the file lies inside it,
 absolute otherwise.
 """
 
@@ -29,7 +31,16 @@ from alignpipe.builders.classes import (
 from alignpipe.builders.folder import build_folder
 from alignpipe.builders.imagenet import build_imagenet, devkit_id_to_wnid
 from alignpipe.builders.karpathy import build_karpathy
+from alignpipe.builders.registry import (
+    BUILDERS,
+    BuilderSpec,
+    Option,
+    builder_spec,
+    list_builders,
+    register_builder,
+)
 from alignpipe.builders.split import build_split
+from alignpipe.builders.toy import _toy_builder  # noqa: F401  (registers the toy builder)
 from alignpipe.builders.web import (
     build_caption_table,
     build_cc3m,
@@ -39,7 +50,8 @@ from alignpipe.builders.web import (
 )
 
 __all__ = [
-    "CHECK_POLICIES", "TEMPLATE_SETS", "BuildResult", "CheckPolicy", "SplitPlan",
+    "BUILDERS", "CHECK_POLICIES", "TEMPLATE_SETS", "BuildResult", "BuilderSpec", "CheckPolicy",
+    "Option", "SplitPlan", "builder_spec", "list_builders", "register_builder",
     "build_audiocaps", "build_caption_table", "build_cc3m", "build_clotho", "build_folder",
     "build_imagenet", "build_img2dataset", "build_karpathy", "build_prompts", "build_split",
     "build_webdataset", "check_policy",

@@ -32,6 +32,7 @@ from alignpipe.builders._common import (
     media_cell,
     read_text,
 )
+from alignpipe.builders.registry import CHECK_OPTIONS, OUT, Option, check_of, register_builder
 from alignpipe.errors import ManifestError
 
 AUDIOCAPS_COLUMNS = ("audiocap_id", "youtube_id", "start_time", "caption")
@@ -198,3 +199,32 @@ def build_clotho(source: str | Path, out: str | Path, audio: str | Path | None =
             for k, column in enumerate(columns):
                 rows.add(id=f"{name}#{k}", audio=cell, text=row[column], split=split)
     return finish(rows, out, check, f"{source} (audio under {root})")
+
+
+_AUDIO_ROOT = Option("audio", Path, None, exists=True, help="Folder holding the audio files, "
+                     "searched recursively (default: SOURCE's folder).")
+
+
+@register_builder("audiocaps", source="source", where_to_get="AudioCaps CSVs "
+                  "(github.com/cdjkim/audiocaps) and the downloaded clips", options=(
+    Option("source", Path, positional=True, exists=True,
+           help="Folder with train.csv/val.csv/test.csv, or one of them."),
+    OUT, _AUDIO_ROOT,
+    Option("naming", str, "auto", "How clips are named: auto, youtube_id (also Y<id>, "
+                                  "<id>_<start>) or audiocap_id."),
+    *CHECK_OPTIONS))
+def _audiocaps_builder(source, out, audio, naming, check_files, skip_missing, check):
+    """AudioCaps: one row per caption (id = audiocap_id), split from the CSV's name."""
+    return build_audiocaps(source, out, audio=audio, naming=naming,
+                           check=check_of(check_files, skip_missing, check))
+
+
+@register_builder("clotho", source="source",
+                  where_to_get="Clotho v2 captions CSVs and audio (zenodo)", options=(
+    Option("source", Path, positional=True, exists=True, help="Folder with "
+           "clotho_captions_{development,validation,evaluation}.csv, or one."),
+    OUT, _AUDIO_ROOT, *CHECK_OPTIONS))
+def _clotho_builder(source, out, audio, check_files, skip_missing, check):
+    """Clotho: 5 rows per clip; development/validation/evaluation -> train/val/test."""
+    return build_clotho(source, out, audio=audio,
+                        check=check_of(check_files, skip_missing, check))

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from alignpipe.builders._common import BuildResult, read_text
+from alignpipe.builders.registry import OUT, Option, register_builder
 from alignpipe.errors import ManifestError
 
 TEMPLATE_SETS: tuple[str, ...] = ("clip80", "asif7", "photo")
@@ -131,3 +132,14 @@ def build_prompts(out: str | Path, classes: str | Path = "imagenet",
         columns["class_id"] = [i for i in class_ids for _ in texts]
     path = write_manifest(pa.table(columns), out)
     return BuildResult(path=path, rows=len(names) * len(texts), splits={})
+
+
+@register_builder("prompts", options=(
+    OUT,
+    Option("classes", str, "imagenet",
+           "'imagenet' (CLIP's 1000 names) or a file with one class name per line."),
+    Option("templates", str, "clip80", "clip80, asif7, photo, or a file with one template per "
+           "line ('{}' = class).", aliases=("template_set",))))
+def _prompts_builder(out, classes, templates):
+    """Zero-shot prompts: one row (id, text, label; imagenet: class_id) per class × template."""
+    return build_prompts(out, classes=classes, template_set=templates)

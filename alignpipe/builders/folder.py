@@ -25,6 +25,17 @@ from alignpipe.builders._common import (
     require_dir,
     single_split,
 )
+from alignpipe.builders.registry import (
+    CHECK_OPTIONS,
+    OUT,
+    SKIP_INCOMPLETE,
+    SPLIT_FRACTIONS,
+    SPLIT_SEED,
+    Option,
+    check_of,
+    register_builder,
+    split_plan_of,
+)
 from alignpipe.errors import ManifestError
 from alignpipe.manifest import is_blank_text
 
@@ -100,3 +111,20 @@ def build_folder(source: str | Path, out: str | Path, label_from_folder: bool = 
     # Every cell came from the walk above, so re-listing the folders to check them finds nothing.
     return finish(rows, out, "off", str(root), {"media files without a caption":
                                                 len(uncaptioned)}, split_plan)
+
+
+@register_builder("folder", source="source", options=(
+    Option("source", Path, positional=True, exists=True,
+           help="A folder of images and/or audio files."),
+    OUT,
+    Option("label_from_folder", bool, False,
+           "Use each file's parent folder (relative to SOURCE) as its label."),
+    Option("split", str, None, "Split for every row (default: no split column)."),
+    SPLIT_FRACTIONS, SPLIT_SEED, SKIP_INCOMPLETE, *CHECK_OPTIONS))
+def _folder_builder(source, out, label_from_folder, split, split_fractions, split_seed,
+                    skip_incomplete, check_files, skip_missing, check):
+    """Media files with same-stem .txt captions: x.jpg (+ x.wav) + x.txt -> one row."""
+    return build_folder(source, out, label_from_folder=label_from_folder, split=split,
+                        skip_incomplete=skip_incomplete,
+                        check=check_of(check_files, skip_missing, check),
+                        split_plan=split_plan_of(split_fractions, split_seed))

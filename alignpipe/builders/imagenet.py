@@ -38,6 +38,7 @@ from alignpipe.builders._common import (
     require_dir,
 )
 from alignpipe.builders.classes import imagenet_classes, imagenet_wnids
+from alignpipe.builders.registry import CHECK_OPTIONS, OUT, Option, check_of, register_builder
 from alignpipe.errors import ManifestError
 
 WNID = re.compile(r"n\d{8}")
@@ -227,3 +228,20 @@ def _match_files(folder: Path, labels: Path, pairs: list[tuple[int, str, str]],
         raise ManifestError(f"{labels}: image(s) labelled more than once: {listing(repeats)}")
     unlabelled = len(set(files) - used)
     return items, {"images in the folder with no label": unlabelled}
+
+
+@register_builder("imagenet", source="source", where_to_get="ImageNet ILSVRC2012 validation "
+                  "images (image-net.org, after registration)", options=(
+    Option("source", Path, positional=True, exists=True, help="val/ with class subfolders "
+           "(n01440764/...), or a flat folder with --labels."),
+    OUT,
+    Option("labels", Path, None, exists=True, help="Flat folder only: the devkit's "
+           "ILSVRC2012_validation_ground_truth.txt, or 'filename<TAB|,|space>label' lines "
+           "(label = wnid or 0-based sorted-wnid index)."),
+    Option("devkit_meta", Path, None, exists=True, help="The devkit's data/meta.mat (default: "
+           "next to --labels), mapping its 1-based ILSVRC2012_IDs to wnids."),
+    *CHECK_OPTIONS))
+def _imagenet_builder(source, out, labels, devkit_meta, check_files, skip_missing, check):
+    """ImageNet val: id, image, label (CLIP class name), class_id (wnid), split=test."""
+    return build_imagenet(source, out, labels=labels, devkit_meta=devkit_meta,
+                          check=check_of(check_files, skip_missing, check))

@@ -22,6 +22,7 @@ from alignpipe.builders._common import (
     media_cell,
     read_text,
 )
+from alignpipe.builders.registry import CHECK_OPTIONS, OUT, Option, check_of, register_builder
 from alignpipe.errors import ManifestError
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -114,3 +115,33 @@ def build_karpathy(source: str | Path, out: str | Path, dataset: str,
             rows.add(id=f"{entry['filename']}#{k}", image=cell, text=text,
                      split=KARPATHY_SPLITS[entry["split"]])
     return finish(rows, out, check, f"{source} (images under {root})")
+
+
+def _karpathy_options(json_name: str) -> tuple[Option, ...]:
+    return (Option("source", Path, positional=True, exists=True,
+                   help=f"Karpathy's {json_name}."),
+            OUT,
+            Option("images", Path, None, exists=True,
+                   help="Image root (default: the JSON's folder)."),
+            Option("captions_per_image", int, 5, "Captions kept per image, in file order."),
+            *CHECK_OPTIONS)
+
+
+@register_builder("coco", options=_karpathy_options("dataset_coco.json"), source="source",
+                  where_to_get="COCO 2014 images (cocodataset.org) and Karpathy's "
+                               "dataset_coco.json")
+def _coco_builder(source, out, images, captions_per_image, check_files, skip_missing, check):
+    """COCO Karpathy splits: 5 rows per image at IMAGES/filepath/filename; restval -> train."""
+    return build_karpathy(source, out, "coco", images=images,
+                          captions_per_image=captions_per_image,
+                          check=check_of(check_files, skip_missing, check))
+
+
+@register_builder("flickr30k", options=_karpathy_options("dataset_flickr30k.json"),
+                  source="source", where_to_get="Flickr30K images (by request from its authors) "
+                                                "and dataset_flickr30k.json")
+def _flickr30k_builder(source, out, images, captions_per_image, check_files, skip_missing, check):
+    """Flickr30K Karpathy splits: 5 rows per image at IMAGES/filename."""
+    return build_karpathy(source, out, "flickr30k", images=images,
+                          captions_per_image=captions_per_image,
+                          check=check_of(check_files, skip_missing, check))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from alignpipe.builders._common import BuildResult, SplitPlan, apply_splits, split_summary
+from alignpipe.builders.registry import OUT, SPLIT_SEED, Option, register_builder, split_plan_of
 from alignpipe.errors import ManifestError
 from alignpipe.manifest import FILE_COLUMNS, read_manifest, validate, write_manifest
 
@@ -34,3 +35,18 @@ def build_split(source: str | Path, out: str | Path, plan: SplitPlan) -> BuildRe
     write_manifest(validate(table, out), out)
     return BuildResult(path=out, rows=table.num_rows,
                        splits=split_summary(data.get("split") or [], True), notes=notes)
+
+
+@register_builder("split", source="source", options=(
+    Option("source", Path, positional=True, exists=True,
+           help="A manifest (.parquet, .csv, .tsv, .jsonl)."),
+    OUT,
+    Option("split_fractions", str, help="train,val,test fractions summing to 1, e.g. 0.8,0.1,0.1. "
+           "Rows sharing an image or audio file stay together."),
+    SPLIT_SEED,
+    Option("override_split", bool, False,
+           "Replace an existing split column (by default it is kept, and said so).")))
+def _split_builder(source, out, split_fractions, split_seed, override_split):
+    """Add seeded train/val/test splits to a manifest; do it before embedding anything."""
+    # Any later edit of the manifest changes its sha256 and so invalidates its stores.
+    return build_split(source, out, split_plan_of(split_fractions, split_seed, override_split))

@@ -36,6 +36,18 @@ from alignpipe.builders._common import (
     require_dir,
     single_split,
 )
+from alignpipe.builders.registry import (
+    CHECK_OPTIONS,
+    OUT,
+    SKIP_INCOMPLETE,
+    SPLIT,
+    SPLIT_FRACTIONS,
+    SPLIT_SEED,
+    Option,
+    check_of,
+    register_builder,
+    split_plan_of,
+)
 from alignpipe.errors import ManifestError
 from alignpipe.manifest import is_blank_text
 
@@ -331,3 +343,46 @@ def build_cc3m(source: str | Path, out: str | Path, caption_column: str | None =
         return build_img2dataset(source, out, split, skip_incomplete, check, split_plan)
     return build_caption_table(source, out, caption_column, path_column, id_column, images,
                                split, skip_incomplete, check, split_plan)
+
+
+_CC3M_OPTIONS = (
+    Option("source", Path, positional=True, exists=True, help="A TSV/CSV with a header (caption "
+           "+ image path columns), or img2dataset's output folder (00000/000000000.jpg + .txt)."),
+    OUT,
+    Option("caption_column", str, None, "TSV: caption column (default: caption, title or text)."),
+    Option("path_column", str, None, "TSV: image path column (default: filepath, image, "
+                                     "image_path, path, file, filename)."),
+    Option("id_column", str, None, "TSV: id column (default: the 0-based data row, 9 digits)."),
+    Option("images", Path, None, exists=True,
+           help="TSV: folder the paths are relative to (default: the TSV's folder)."),
+    SPLIT, SPLIT_FRACTIONS, SPLIT_SEED, SKIP_INCOMPLETE, *CHECK_OPTIONS)
+
+
+def _cc3m_builder(source, out, caption_column, path_column, id_column, images, split,
+                  split_fractions, split_seed, skip_incomplete, check_files, skip_missing, check):
+    """CC3M / CC12M (or any downloaded image-caption table): id, image, text, split."""
+    return build_cc3m(source, out, caption_column=caption_column, path_column=path_column,
+                      id_column=id_column, images=images, split=split,
+                      skip_incomplete=skip_incomplete,
+                      check=check_of(check_files, skip_missing, check),
+                      split_plan=split_plan_of(split_fractions, split_seed))
+
+
+register_builder("cc3m", options=_CC3M_OPTIONS, source="source",
+                 where_to_get="CC3M/CC12M downloaded with img2dataset (a TSV of caption + file, "
+                              "or its output folder)")(_cc3m_builder)
+register_builder("cc12m", options=_CC3M_OPTIONS, source="source", cli=False,
+                 where_to_get="CC12M downloaded with img2dataset")(_cc3m_builder)
+
+
+@register_builder("webdataset", source="shards", where_to_get="img2dataset webdataset tars, e.g. "
+                  "/data/cc3m/{00000..00331}.tar", options=(
+    Option("shards", str, positional=True, aliases=("source",), help="'DIR/{00000..00099}.tar' "
+           "(quote it), a folder of .tar, or one .tar."),
+    OUT, SPLIT, SPLIT_FRACTIONS, SPLIT_SEED, SKIP_INCOMPLETE, *CHECK_OPTIONS))
+def _webdataset_builder(shards, out, split, split_fractions, split_seed, skip_incomplete,
+                        check_files, skip_missing, check):
+    """img2dataset tar shards, each read once: image 'shard.tar::key.jpg', text from key.txt."""
+    return build_webdataset(shards, out, split=split, skip_incomplete=skip_incomplete,
+                            check=check_of(check_files, skip_missing, check),
+                            split_plan=split_plan_of(split_fractions, split_seed))
