@@ -230,7 +230,8 @@ def embed(
         "whole store) and redo the damaged ones.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     list_encoders_: Annotated[bool, typer.Option(
-        "--list-encoders", help="List the registered encoders and exit.")] = False,
+        "--list-encoders", help="List the registered encoders with their pooling and "
+        "preprocessing (no weights are loaded) and exit.")] = False,
     threads: ThreadsOption = None,
 ) -> None:
     """Stream a manifest once through a frozen encoder into the latent store (resumable)."""
@@ -242,9 +243,14 @@ def embed(
         table = Table(box=None)
         for name in ("name", "modality", "source", "dim", "pooling"):
             table.add_column(name, overflow="fold")
+        steps = Table(box=None)  # specs only: no weights and no model config are loaded
+        for name in ("name", "preprocessing"):
+            steps.add_column(name, overflow="fold", no_wrap=name == "name")
         for spec in list_encoders():
             table.add_row(spec.name, spec.modality, spec.source, str(spec.dim), spec.pooling)
+            steps.add_row(spec.name, spec.describe_preprocessing())
         console.print(table)
+        console.print(steps)
         return
     if manifest is None or encoder is None:
         raise AlignpipeError("embed needs a MANIFEST and --encoder NAME "

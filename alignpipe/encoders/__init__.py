@@ -4,79 +4,58 @@
 >>> [s.name for s in list_encoders("dinov2*")]
 ['dinov2', 'dinov2-b', 'dinov2-g', 'dinov2-s']
 >>> enc = load_encoder("test-vit", device="cpu")   # the same adapter as dinov2, tiny and seeded
+
+Backends are adapter classes registered with `register_adapter` (`list_adapters` lists them);
+the package imports each adapter module, then the zoo of named specs, so that every lookup sees
+them all. A new backend: one module with a decorated class, and its line in the import below.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from alignpipe.encoders import zoo  # noqa: F401  (registers the named encoders)
+# The adapter modules register their backends, the zoo its named specs (importing the adapters
+# they run on first).
+from alignpipe.encoders import audio, text, vision, zoo  # noqa: F401
 from alignpipe.encoders.base import Encoder, resolve_device
+from alignpipe.encoders.hf import load_config
 from alignpipe.encoders.hub import fail_fast
 from alignpipe.encoders.registry import (
+    AUTO_BACKEND,
+    Adapter,
     EncoderError,
     EncoderSpec,
+    ImagePreprocessing,
+    auto_adapter,
+    get_adapter,
     get_encoder_spec,
     is_registered,
+    list_adapters,
     list_encoders,
+    register_adapter,
     register_encoder,
     with_overrides,
 )
 from alignpipe.encoders.weights import WeightsSource, resolve_weights
 
 __all__ = [
-    "Encoder", "EncoderError", "EncoderSpec", "WeightsSource", "get_encoder_spec",
-    "is_registered", "list_encoders", "load_encoder", "register_encoder", "resolve_weights",
-    "resolve_spec",
+    "Adapter", "Encoder", "EncoderError", "EncoderSpec", "ImagePreprocessing", "WeightsSource",
+    "get_adapter", "get_encoder_spec", "is_registered", "list_adapters", "list_encoders",
+    "load_encoder", "register_adapter", "register_encoder", "resolve_spec", "resolve_weights",
 ]
-
-_VISION_TYPES = {"dinov2", "dinov2_with_registers", "dinov3_vit", "vit", "deit", "beit",
-                 "vit_msn", "vit_mae", "ijepa", "clip_vision_model", "siglip_vision_model"}
-_ADAPTERS = {
-    "timm": ("alignpipe.encoders.vision", "TimmImageEncoder"),
-    "hf-vision": ("alignpipe.encoders.vision", "HFImageEncoder"),
-    "hf-clip-image": ("alignpipe.encoders.vision", "HFImageEncoder"),
-    "hf-text": ("alignpipe.encoders.text", "HFTextEncoder"),
-    "hf-clip-text": ("alignpipe.encoders.text", "HFTextEncoder"),
-    "hf-whisper": ("alignpipe.encoders.audio", "WhisperAudioEncoder"),
-    "hf-ast": ("alignpipe.encoders.audio", "ASTAudioEncoder"),
-    "hf-clap": ("alignpipe.encoders.audio", "ClapAudioEncoder"),
-}
-
-
-def _auto_backend(config, modality: str | None) -> tuple[str, str]:
-    """(backend, modality) of an ``hf:`` checkpoint from its config's model_type."""
-    kind = config.model_type
-    if kind == "clip":
-        return ("hf-clip-text", "text") if modality == "text" else ("hf-clip-image", "image")
-    if kind == "whisper":
-        return "hf-whisper", "audio"
-    if kind == "audio-spectrogram-transformer":
-        return "hf-ast", "audio"
-    if kind == "clap":
-        if modality == "text":
-            raise EncoderError("CLAP's text tower is not wired up; embed its audio tower")
-        return "hf-clap", "audio"
-    if kind in _VISION_TYPES:
-        return "hf-vision", "image"
-    return "hf-text", "text"
 
 
 def resolve_spec(spec: EncoderSpec, source: WeightsSource,
                  modality: str | None = None) -> tuple[EncoderSpec, object | None]:
-    """Give an ``hf:`` spec its backend and modality (reads the config, not the weights)."""
-    if spec.backend != "hf-auto":
+    """Give an ``hf:`` spec its backend, modality and default pooling from the adapter that
+    claims its config's model_type (reads the config, not the weights)."""
+    if spec.backend != AUTO_BACKEND:
         return spec, None
-    from alignpipe.encoders.hf import load_config
-
     with fail_fast():  # embed reads the config before it loads: no network, no minutes of retries
         config = load_config(spec, source)
-    backend, resolved = _auto_backend(config, modality)
-    pooling = {"image": "cls", "text": "mean", "audio": None}[resolved]
-    defaults = {"hf-whisper": "mean", "hf-ast": "cls+dist", "hf-clap": "projection",
-                "hf-clip-image": "projection", "hf-clip-text": "projection"}
-    return with_overrides(spec, backend=backend, modality=resolved,
-                          pooling=defaults.get(backend, pooling)), config
+    adapter = auto_adapter(config.model_type, modality)
+    return with_overrides(spec, backend=adapter.backend, modality=adapter.modality,
+                          pooling=adapter.default_pooling), config
 
 
 def load_encoder(name: str | EncoderSpec, *, weights: str | Path | None = None,
@@ -95,16 +74,11 @@ def load_encoder(name: str | EncoderSpec, *, weights: str | Path | None = None,
 
 def _build(spec: EncoderSpec, source: WeightsSource, modality: str | None,
            image_size: int | None, kwargs: dict) -> Encoder:
-    import importlib
-
     spec, config = resolve_spec(spec, source, modality)
     if image_size is not None and spec.modality != "image":
         raise EncoderError(f"--image-size applies to image encoders; {spec.name} reads "
                            f"{spec.modality}")
-    module, cls_name = _ADAPTERS[spec.backend]
-    adapter = getattr(importlib.import_module(module), cls_name)
-    if spec.modality == "image":
+    adapter = get_adapter(spec.backend)
+    if adapter.modality == "image":
         kwargs["image_size"] = image_size
-    if spec.backend != "timm":
-        kwargs["config"] = config
-    return adapter(spec, source, **kwargs)
+    return adapter.cls(spec, source, config=config, **kwargs)

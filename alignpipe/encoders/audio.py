@@ -13,7 +13,7 @@ import torch
 
 from alignpipe.encoders.base import check_pooling, freeze, masked_mean
 from alignpipe.encoders.hf import load_hf_model, processor_source
-from alignpipe.encoders.registry import EncoderError, EncoderSpec
+from alignpipe.encoders.registry import EncoderError, EncoderSpec, get_adapter, register_adapter
 from alignpipe.encoders.weights import WeightsSource
 from alignpipe.media import MediaRef, centre_crop, load_audio
 
@@ -64,14 +64,17 @@ class _AudioAdapter:
                 **self.source.record()}
 
 
+@register_adapter("hf-whisper", modality="audio", poolings=("mean",), model_types=("whisper",))
 class WhisperAudioEncoder(_AudioAdapter):
+    """The Whisper encoder, mean over the frames of real audio."""
+
     def __init__(self, spec: EncoderSpec, source: WeightsSource, *, pooling: str | None,
                  device: torch.device, config=None):
         from transformers import WhisperModel
 
         extractor = _feature_extractor(spec, source)
         self._setup(spec, source, device, extractor, float(extractor.chunk_length))
-        self.pooling = check_pooling(spec, pooling, ("mean",))
+        self.pooling = check_pooling(spec, pooling, get_adapter(spec.backend).poolings)
         model = load_hf_model(WhisperModel, spec, source)
         self.model = freeze(model.get_encoder(), device)  # the decoder is never used
         self.dim = int(self.model.config.d_model)
@@ -94,7 +97,11 @@ class WhisperAudioEncoder(_AudioAdapter):
         return masked_mean(hidden, mask)
 
 
+@register_adapter("hf-ast", modality="audio", poolings=("cls+dist", "mean"),
+                  model_types=("audio-spectrogram-transformer",))
 class ASTAudioEncoder(_AudioAdapter):
+    """The Audio Spectrogram Transformer: its CLS+distill pooling, or a token mean."""
+
     def __init__(self, spec: EncoderSpec, source: WeightsSource, *, pooling: str | None,
                  device: torch.device, config=None):
         from transformers import ASTModel
@@ -102,7 +109,7 @@ class ASTAudioEncoder(_AudioAdapter):
         extractor = _feature_extractor(spec, source)
         frames = int(extractor.max_length)  # 10 ms hop: frames -> seconds
         self._setup(spec, source, device, extractor, spec.max_seconds or frames / 100)
-        self.pooling = check_pooling(spec, pooling, ("cls+dist", "mean"))
+        self.pooling = check_pooling(spec, pooling, get_adapter(spec.backend).poolings)
         self.model = freeze(load_hf_model(ASTModel, spec, source), device)
         self.dim = int(self.model.config.hidden_size)
 
@@ -118,7 +125,10 @@ class ASTAudioEncoder(_AudioAdapter):
         return out.last_hidden_state[:, 2:].mean(1)
 
 
+@register_adapter("hf-clap", modality="audio", poolings=("projection",), model_types=("clap",))
 class ClapAudioEncoder(_AudioAdapter):
+    """CLAP's audio tower, projected."""
+
     def __init__(self, spec: EncoderSpec, source: WeightsSource, *, pooling: str | None,
                  device: torch.device, config=None):
         from transformers import ClapAudioModelWithProjection, ClapFeatureExtractor
@@ -126,7 +136,7 @@ class ClapAudioEncoder(_AudioAdapter):
         extractor = _feature_extractor(spec, source, ClapFeatureExtractor)
         self._setup(spec, source, device, extractor,
                     spec.max_seconds or float(extractor.max_length_s))
-        self.pooling = check_pooling(spec, pooling, ("projection",))
+        self.pooling = check_pooling(spec, pooling, get_adapter(spec.backend).poolings)
         self.model = freeze(load_hf_model(ClapAudioModelWithProjection, spec, source), device)
         self.dim = int(self.model.config.projection_dim)
         self.fusion = bool(getattr(self.model.config, "enable_fusion", False))

@@ -4,41 +4,159 @@ Each spec is the data contract of one frozen encoder: which backend adapter runs
 checkpoint, how its output is pooled, what it reads. ``timm:<name>`` and ``hf:<id>`` reach any
 other checkpoint without a registry entry.
 
+Backend adapters register here too (`register_adapter`, a class decorator): each declares the
+modality it reads, its poolings and default pooling, and which ``hf:`` checkpoints (by config
+``model_type``) it runs. So a new backend is one module with one decorated class, plus its import
+line in the package's ``__init__``.
+
 The named encoders live in `zoo`, which registers them here; the package's ``__init__`` imports
-it, and Python runs that ``__init__`` before any of its modules, so the lookups below always see
-them (and this module never imports the zoo back).
+the adapter modules and then the zoo, and Python runs that ``__init__`` before any of its modules,
+so the lookups below always see them (and this module never imports them back).
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from alignpipe.constants import MODALITIES
 from alignpipe.errors import AlignpipeError
+from alignpipe.registry import Registry
 
-POOLINGS = {
-    "timm": ("cls", "mean", "cls+mean", "model"),
-    "hf-vision": ("cls", "mean", "cls+mean"),
-    "hf-text": ("mean", "cls", "max"),
-    "hf-clip-image": ("projection",),
-    "hf-clip-text": ("projection",),
-    "hf-whisper": ("mean",),
-    "hf-ast": ("cls+dist", "mean"),
-    "hf-clap": ("projection",),
-    "hf-auto": ("cls", "mean", "cls+mean", "max", "projection"),
-}
 # DINOv2's linear-eval transform (and the facebook/dinov2-* HF processors): resize the shorter
 # side to 256, centre-crop 224. timm's pretrained config says crop_pct 1.0 (resize 224).
 DINOV2_CROP_PCT = 0.875
 TIMM_PREFIX = "timm:"
 HF_PREFIX = "hf:"
+AUTO_BACKEND = "hf-auto"  # an hf: id before its config picks the adapter (`resolve_spec`)
+FROM_CONFIG = "from the model's config"
 
 
 class EncoderError(AlignpipeError):
     """An unknown encoder, a bad encoder option, or weights that cannot be loaded."""
+
+
+# ---- backend adapters ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Adapter:
+    """A backend: the class that runs it and what it declares without loading anything.
+
+    `cls` is built as ``cls(spec, source, pooling=, device=, config=)`` (plus ``image_size=``
+    for image adapters) and satisfies `base.Encoder`. `model_types`: the transformers config
+    ``model_type`` values of the ``hf:`` checkpoints it runs; `fallback`: it also runs ``hf:``
+    checkpoints no adapter claims.
+    """
+
+    backend: str
+    cls: type
+    modality: str
+    poolings: tuple[str, ...]
+    default_pooling: str
+    model_types: frozenset[str] = frozenset()
+    fallback: bool = False
+    description: str = ""
+
+
+ADAPTERS: Registry[Adapter] = Registry("encoder backend")
+
+
+def register_adapter(backend: str, *, modality: str, poolings: tuple[str, ...],
+                     default_pooling: str | None = None, model_types: tuple[str, ...] = (),
+                     fallback: bool = False) -> Callable[[type], type]:
+    """Class decorator: register the adapter class for `backend` (stack it for one class that
+    runs several backends). `default_pooling` is the first of `poolings` unless given."""
+    default = default_pooling or poolings[0]
+    if modality not in MODALITIES:
+        raise ValueError(f"adapter {backend!r}: modality must be one of {MODALITIES}")
+    if default not in poolings:
+        raise ValueError(f"adapter {backend!r}: default pooling {default!r} not in {poolings}")
+
+    def wrap(cls: type) -> type:
+        doc = (cls.__doc__ or "").strip().splitlines()
+        ADAPTERS.add(backend, Adapter(backend, cls, modality, tuple(poolings), default,
+                                      frozenset(model_types), fallback, doc[0] if doc else ""))
+        return cls
+
+    return wrap
+
+
+def list_adapters(pattern: str = "*") -> list[Adapter]:
+    """Registered backend adapters whose backend name matches `pattern` (shell wildcards)."""
+    return [ADAPTERS.get(name) for name in ADAPTERS.names(pattern)]
+
+
+def get_adapter(backend: str) -> Adapter:
+    """The adapter registered for `backend`; EncoderError naming the known ones otherwise."""
+    if backend not in ADAPTERS:
+        raise EncoderError(f"unknown encoder backend {backend!r}; known: "
+                           f"{', '.join(ADAPTERS.names())}")
+    return ADAPTERS.get(backend)
+
+
+def auto_adapter(model_type: str, modality: str | None = None) -> Adapter:
+    """The adapter for an ``hf:`` checkpoint whose config says `model_type`: the one claiming
+    it for `modality` (a column hint), else the first claiming it (image, text, audio order),
+    else the fallback adapter."""
+    adapters = list_adapters()
+    claims = [a for a in adapters if model_type in a.model_types] or [
+        a for a in adapters if a.fallback]
+    if not claims:
+        raise EncoderError(f"no encoder backend runs hf: checkpoints of model_type "
+                           f"{model_type!r}")
+    claims.sort(key=lambda a: MODALITIES.index(a.modality))
+    fitting = [a for a in claims if a.modality == modality]
+    return (fitting or claims)[0]
+
+
+# ---- the preprocessing contract -----------------------------------------------------------------
+# Normalisation constants under the names --list-encoders shows for them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_NAMED_NORMS = {(IMAGENET_MEAN, IMAGENET_STD): "imagenet", (CLIP_MEAN, CLIP_STD): "openai-clip"}
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """An image encoder's CPU transform (resize the shorter side, centre-crop a square, with
+    `interpolation`) and its normalisation, as known without loading weights; None: read from
+    the model's own config (timm's pretrained config, the transformers processor) at load."""
+
+    resize: int | None = None
+    crop: int | None = None
+    interpolation: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def record(self) -> dict:
+        """Each field, None for the ones only the model's config knows."""
+        return {"resize": self.resize, "crop": self.crop, "interpolation": self.interpolation,
+                "mean": list(self.mean) if self.mean else None,
+                "std": list(self.std) if self.std else None}
+
+    def describe(self) -> str:
+        """One line for --list-encoders: the known fields, then those the config decides."""
+        known, unknown = [], []
+        for key in ("resize", "crop", "interpolation"):
+            value = getattr(self, key)
+            (unknown.append(key) if value is None else
+             known.append(str(value) if key == "interpolation" else f"{key} {value}"))
+        norm = _NAMED_NORMS.get((self.mean, self.std))
+        if norm is not None:
+            known.append(f"{norm} mean/std")
+        else:
+            for key in ("mean", "std"):
+                value = getattr(self, key)
+                (unknown.append(key) if value is None else
+                 known.append(f"{key} {', '.join(f'{v:g}' for v in value)}"))
+        line = ", ".join(known)
+        if unknown:
+            line += f"{'; ' if line else ''}{', '.join(unknown)} {FROM_CONFIG}"
+        return line
 
 
 @dataclass(frozen=True)
@@ -49,6 +167,10 @@ class EncoderSpec:
     `test_config` marks a test encoder: built from this config with a fixed seed, no hub.
     `crop_pct` (timm only): the centre crop's share of the resized image when the paper's eval
     protocol differs from timm's pretrained config; None keeps timm's.
+    `pixels`: what is known of an image encoder's preprocessing beyond `image_size`/`crop_pct`
+    (interpolation, mean, std; resize and crop for specs without an `image_size`). A timm
+    adapter runs the interpolation, mean and std given here; a transformers adapter runs its
+    processor's, which the spec describes. `preprocessing` is the whole contract.
     """
 
     name: str
@@ -66,10 +188,44 @@ class EncoderSpec:
     model_kwargs: dict = field(default_factory=dict)
     test_config: dict | None = None
     description: str = ""
+    pixels: ImagePreprocessing | None = None
 
     @property
     def poolings(self) -> tuple[str, ...]:
-        return POOLINGS[self.backend]
+        """The poolings its backend's adapter declares (for an ``hf:`` id, those of every
+        adapter its config may pick)."""
+        if self.backend == AUTO_BACKEND:
+            names = dict.fromkeys(p for a in list_adapters() if a.model_types or a.fallback
+                                  for p in a.poolings)
+            return tuple(names)
+        return get_adapter(self.backend).poolings
+
+    @property
+    def preprocessing(self) -> ImagePreprocessing | None:
+        """The image preprocessing contract (None for text and audio encoders): `pixels`, with
+        the crop set by `image_size` and the resize by `crop_pct` (timm's rule,
+        floor(crop / crop_pct)) where the spec gives them."""
+        if self.modality != "image":
+            return None
+        known = self.pixels or ImagePreprocessing()
+        if self.image_size is None:
+            return known
+        resize = known.resize
+        if self.crop_pct is not None:
+            resize = math.floor(self.image_size / self.crop_pct)
+        return replace(known, resize=resize, crop=self.image_size)
+
+    def describe_preprocessing(self) -> str:
+        """The preprocessing contract on one line (--list-encoders), without loading weights."""
+        if self.modality == "image":
+            return self.preprocessing.describe()
+        if self.modality == "audio":
+            rate = f"{self.sample_rate} Hz" if self.sample_rate else f"rate {FROM_CONFIG}"
+            window = (f"centre {self.max_seconds:g} s" if self.max_seconds else
+                      f"window {FROM_CONFIG}")
+            return f"{rate}, {window}; features {FROM_CONFIG}"
+        prefix = f"prefix {self.prefix!r}; " if self.prefix else ""
+        return f"{prefix}tokenizer {FROM_CONFIG}"
 
     @property
     def source(self) -> str:
@@ -79,7 +235,7 @@ class EncoderSpec:
         return f"{'timm' if self.backend == 'timm' else 'hf'}:{self.model_id}"
 
 
-_REGISTRY: dict[str, EncoderSpec] = {}
+_REGISTRY: Registry[EncoderSpec] = Registry("encoder")
 # model id -> (import name, pip name) of a Python package that ships a copy of its weights
 _INSTALLED_COPIES: dict[str, tuple[str, str]] = {}
 
@@ -99,20 +255,21 @@ def installed_copy_package(model_id: str) -> tuple[str, str] | None:
 def register_encoder(fn: Callable[[], EncoderSpec]) -> Callable[[], EncoderSpec]:
     """Decorator: register the spec that `fn` returns under its name."""
     spec = fn()
-    if spec.name in _REGISTRY:
-        raise ValueError(f"encoder {spec.name!r} registered twice")
     if spec.modality not in MODALITIES:
         raise ValueError(f"encoder {spec.name!r}: modality must be one of {MODALITIES}")
+    if spec.backend not in ADAPTERS:
+        raise ValueError(f"encoder {spec.name!r}: backend {spec.backend!r} has no registered "
+                         f"adapter (known: {', '.join(ADAPTERS.names())})")
     if spec.pooling not in spec.poolings:
         raise ValueError(f"encoder {spec.name!r}: pooling {spec.pooling!r} not in {spec.poolings}")
-    _REGISTRY[spec.name] = spec
+    _REGISTRY.add(spec.name, spec)
     return fn
 
 
 def list_encoders(pattern: str = "*") -> list[EncoderSpec]:
     """Registered specs whose name matches `pattern` (shell wildcards, case-insensitive)."""
     pattern = pattern.lower()
-    return [spec for name, spec in sorted(_REGISTRY.items())
+    return [_REGISTRY.get(name) for name in _REGISTRY.names()
             if fnmatch.fnmatchcase(name.lower(), pattern)]
 
 
@@ -126,14 +283,14 @@ def is_registered(name: str) -> bool:
 def get_encoder_spec(name: str) -> EncoderSpec:
     """The spec of `name`; raises EncoderError (with close matches) for unknown names."""
     if name in _REGISTRY:
-        return _REGISTRY[name]
+        return _REGISTRY.get(name)
     if name.startswith(TIMM_PREFIX) and name[len(TIMM_PREFIX):]:
         return _timm_spec(name)
     if name.startswith(HF_PREFIX) and name[len(HF_PREFIX):]:
-        return EncoderSpec(name=name, backend="hf-auto", model_id=name[len(HF_PREFIX):],
+        return EncoderSpec(name=name, backend=AUTO_BACKEND, model_id=name[len(HF_PREFIX):],
                            modality=None, batch_size=128,
                            description="any transformers checkpoint; its config decides")
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+    close = difflib.get_close_matches(name, _REGISTRY.names(), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise EncoderError(
         f"unknown encoder {name!r}{hint} (`alignpipe embed --list-encoders` lists them; "

@@ -13,7 +13,7 @@ import torch
 
 from alignpipe.encoders.base import check_pooling, freeze, masked_mean
 from alignpipe.encoders.hf import load_hf_model, processor_source
-from alignpipe.encoders.registry import EncoderError, EncoderSpec
+from alignpipe.encoders.registry import EncoderError, EncoderSpec, get_adapter, register_adapter
 from alignpipe.encoders.weights import WeightsSource
 from alignpipe.manifest import is_blank_text
 from alignpipe.media import MediaError
@@ -45,6 +45,9 @@ def _tokenizer(spec: EncoderSpec, source: WeightsSource):
         raise EncoderError(f"{spec.name}: cannot load the tokenizer from {where}: {err}") from None
 
 
+@register_adapter("hf-text", modality="text", poolings=("mean", "cls", "max"), fallback=True)
+@register_adapter("hf-clip-text", modality="text", poolings=("projection",),
+                  model_types=("clip",))
 class HFTextEncoder:
     """A transformers text model: sentence encoders, or CLIP's text tower (projected)."""
 
@@ -57,8 +60,8 @@ class HFTextEncoder:
         self.spec, self.source, self.device = spec, source, device
         self.projected = spec.backend == "hf-clip-text" or (
             config is not None and config.model_type == "clip")
-        allowed = ("projection",) if self.projected else ("mean", "cls", "max")
-        self.pooling = check_pooling(spec, pooling, allowed)
+        backend = "hf-clip-text" if self.projected else "hf-text"
+        self.pooling = check_pooling(spec, pooling, get_adapter(backend).poolings)
         cls = CLIPTextModelWithProjection if self.projected else AutoModel
         self.model = freeze(load_hf_model(cls, spec, source), device)
         self.tokenizer, where = _tokenizer(spec, source)

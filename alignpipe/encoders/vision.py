@@ -28,11 +28,14 @@ from alignpipe.encoders.base import (
 from alignpipe.encoders.hf import load_hf_model, processor_source
 from alignpipe.encoders.hub import hub_problem
 from alignpipe.encoders.pixels import ImagePrep, from_processor, from_timm
-from alignpipe.encoders.registry import EncoderError, EncoderSpec
+from alignpipe.encoders.registry import EncoderError, EncoderSpec, get_adapter, register_adapter
 from alignpipe.encoders.weights import WeightsSource, weight_files
 from alignpipe.media import MediaRef, open_image
 
 TIMM_DIR_FILES = ("model.safetensors", "pytorch_model.bin")
+# transformers vision configs (model_type) that run as a plain tower: CLS/mean token pooling
+HF_VISION_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit", "vit", "deit", "beit",
+                   "vit_msn", "vit_mae", "ijepa", "clip_vision_model", "siglip_vision_model")
 
 
 # ---- timm ---------------------------------------------------------------------------------------
@@ -153,6 +156,7 @@ def _create_timm(spec: EncoderSpec, source: WeightsSource, image_size: int | Non
     return model
 
 
+@register_adapter("timm", modality="image", poolings=("cls", "mean", "cls+mean", "model"))
 class TimmImageEncoder:
     """Any timm model; ViTs pool tokens (cls, mean, cls+mean), others use timm's own head."""
 
@@ -160,7 +164,7 @@ class TimmImageEncoder:
     sort_key = None
 
     def __init__(self, spec: EncoderSpec, source: WeightsSource, *, image_size: int | None,
-                 pooling: str | None, device: torch.device):
+                 pooling: str | None, device: torch.device, config=None):
         from timm.data import create_transform, resolve_data_config
 
         self.spec, self.source, self.device = spec, source, device
@@ -169,12 +173,16 @@ class TimmImageEncoder:
         tokens = getattr(model, "num_prefix_tokens", None) is not None and getattr(
             model, "cls_token", None) is not None
         self.prefix_tokens = int(model.num_prefix_tokens) if tokens else 0
-        allowed = ("cls", "mean", "cls+mean", "model") if tokens else ("model",)
+        allowed = get_adapter(spec.backend).poolings if tokens else ("model",)
         self.pooling = check_pooling(spec, pooling if pooling or tokens else "model", allowed)
         self.model = freeze(model, device)
         args = {"input_size": (3, size, size)} if size else {}
         if spec.crop_pct is not None:
             args["crop_pct"] = spec.crop_pct  # the paper's eval crop, not timm's config
+        pixels = spec.pixels
+        for key in ("interpolation", "mean", "std"):  # what the spec declares, it runs
+            if pixels is not None and getattr(pixels, key) is not None:
+                args[key] = getattr(pixels, key)
         self.data_config = resolve_data_config(args, model=model)
         transform = from_timm(self.data_config, f"timm pretrained_cfg of {spec.model_id}")
         if transform is not None:
@@ -227,6 +235,10 @@ def _image_processor(spec: EncoderSpec, source: WeightsSource):
                            f"{err}") from None
 
 
+@register_adapter("hf-vision", modality="image", poolings=("cls", "mean", "cls+mean"),
+                  model_types=HF_VISION_TYPES)
+@register_adapter("hf-clip-image", modality="image", poolings=("projection",),
+                  model_types=("clip",))
 class HFImageEncoder:
     """A transformers vision model: a plain tower (DINOv2, ViT) or CLIP's projected tower."""
 
@@ -240,8 +252,8 @@ class HFImageEncoder:
         self.spec, self.source, self.device = spec, source, device
         self.projected = spec.backend == "hf-clip-image" or (
             config is not None and config.model_type == "clip")
-        allowed = ("projection",) if self.projected else ("cls", "mean", "cls+mean")
-        self.pooling = check_pooling(spec, pooling, allowed)
+        backend = "hf-clip-image" if self.projected else "hf-vision"
+        self.pooling = check_pooling(spec, pooling, get_adapter(backend).poolings)
         cls = CLIPVisionModelWithProjection if self.projected else AutoModel
         self.model = freeze(load_hf_model(cls, spec, source), device)
         self.processor = _image_processor(spec, source)

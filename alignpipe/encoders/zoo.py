@@ -1,5 +1,7 @@
-"""The named encoders. Preprocessing is never written here: it comes from each model's own
-config (timm's data config, the HF processor) when the adapter loads it.
+"""The named encoders, with the image preprocessing contract each one runs (`pixels`, shown by
+``--list-encoders``). It restates the model's own config (timm's pretrained config, the HF
+processor), which tests check: timm adapters run the interpolation/mean/std given here, and
+transformers adapters run their processor.
 
 DINOv2 follows the paper's linear evaluation and the HF processor of facebook/dinov2-*: resize
 the shorter side to 256, centre-crop 224 (`image_size` 224, `crop_pct` 0.875; timm's own data
@@ -8,9 +10,17 @@ config says 518 at crop_pct 1.0). ``--image-size S`` keeps the ratio: 448 resize
 
 from __future__ import annotations
 
+import alignpipe.encoders.audio  # noqa: F401  (registers hf-whisper, hf-ast, hf-clap)
+import alignpipe.encoders.text  # noqa: F401  (registers hf-text, hf-clip-text)
+import alignpipe.encoders.vision  # noqa: F401  (registers timm, hf-vision, hf-clip-image)
 from alignpipe.encoders.registry import (
+    CLIP_MEAN,
+    CLIP_STD,
     DINOV2_CROP_PCT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     EncoderSpec,
+    ImagePreprocessing,
     register_encoder,
     register_installed_copy,
 )
@@ -26,6 +36,7 @@ def _dinov2(name: str) -> EncoderSpec:
         name=name, backend="timm", model_id=f"vit_{size}_patch14_dinov2.lvd142m",
         modality="image", pooling="cls", dim=dim, image_size=224, crop_pct=DINOV2_CROP_PCT,
         batch_size=batch,
+        pixels=ImagePreprocessing(interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD),
         description=f"DINOv2 ViT-{size[0].upper()}/14 (timm), CLS after the final norm")
 
 
@@ -55,6 +66,8 @@ def clip_l14_image() -> EncoderSpec:
     return EncoderSpec(
         name="clip-l14-image", backend="hf-clip-image", model_id="openai/clip-vit-large-patch14",
         modality="image", pooling="projection", dim=768, batch_size=256,
+        pixels=ImagePreprocessing(resize=224, crop=224, interpolation="bicubic", mean=CLIP_MEAN,
+                                  std=CLIP_STD),
         description="CLIP ViT-L/14 image tower, projected image_embeds")
 
 
