@@ -440,11 +440,12 @@ def eval_retrieval(
 ) -> None:
     """Recall@1/5/10 both ways between two stores (through a run, or --identity)."""
     use_threads(threads)
-    from alignpipe.evaluate import eval_retrieval as retrieval
+    from alignpipe.evaluate import evaluate
     from alignpipe.report import retrieval_table
 
-    result = retrieval(run, store_a, store_b, split=split, identity=identity, output=output,
-                       device=device, manifest=manifest, allow_partial=allow_partial)
+    result = evaluate("retrieval", run, [store_a, store_b], output=output, split=split,
+                      identity=identity, device=device, manifest=manifest,
+                      allow_partial=allow_partial)
     _print_partial(result)
     console.print(retrieval_table(result))
     _print_eval_end(result)
@@ -471,12 +472,12 @@ def eval_zeroshot(
 ) -> None:
     """Zero-shot classification of a query store against a prompts store."""
     use_threads(threads)
-    from alignpipe.evaluate import eval_zeroshot as zeroshot
+    from alignpipe.evaluate import evaluate
     from alignpipe.report import zeroshot_table
 
-    result = zeroshot(run, query_store, prompts_store, split=split,
-                      class_embedding=class_embedding, identity=identity, output=output,
-                      device=device, manifest=manifest, allow_partial=allow_partial)
+    result = evaluate("zeroshot", run, [query_store, prompts_store], output=output, split=split,
+                      class_embedding=class_embedding, identity=identity, device=device,
+                      manifest=manifest, allow_partial=allow_partial)
     _print_partial(result)
     console.print(zeroshot_table(result))
     _print_eval_end(result)

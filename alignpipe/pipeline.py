@@ -65,8 +65,6 @@ SECTIONS = ("name", "cache", "runs", "inputs", "data", "embed", "fit", "eval", "
 EMBED_OPTIONS = ("column", "weights", "image_size", "pooling", "dtype", "latent_dtype",
                  "batch_size", "workers", "unit_rows", "device", "max_failure_rate", "dataset")
 FIT_OPTIONS = ("method", "a", "b", "config", "set")
-EVAL_OPTIONS = ("kind", "run", "a", "b", "query", "prompts", "split", "identity",
-                "class_embedding")
 SIMILARITY_OPTIONS = ("stores", "sample", "k", "seed")
 REFERENCE_OPTIONS = ("eval", "metric", "value", "source")
 
@@ -136,12 +134,19 @@ _STEP_SCHEMA = {
     "fit": {"method": None, "a": None, "b": None, "config": {_ANY: None},
             "set": {_ANY: {_ANY: None}}},
 }
-_LIST_SCHEMA = {
-    "eval": {key: None for key in EVAL_OPTIONS},
-    "reference": {key: None for key in REFERENCE_OPTIONS},
+_LIST_SCHEMA = {  # each list section's keys; eval's come from the evaluator registry
+    "eval": lambda: dict.fromkeys(_eval_options()),
+    "reference": lambda: dict.fromkeys(REFERENCE_OPTIONS),
 }
 _TOP_SCHEMA = {"name": None, "cache": None, "runs": None, "device": None,
                "inputs": {_ANY: None}, "similarity": {key: None for key in SIMILARITY_OPTIONS}}
+
+
+def _eval_options() -> tuple[str, ...]:
+    """The keys an ``eval:`` entry may hold: kind, run, every evaluator's stores and options."""
+    from alignpipe.evaluate import eval_options
+
+    return eval_options()
 
 
 def _override_error(dotted: str, why: str) -> PipelineError:
@@ -188,7 +193,7 @@ def _check_override(plan: dict, dotted: str) -> None:
         if len(keys) == 1 or not keys[1].isdigit() or int(keys[1]) >= len(entries):
             raise PipelineError(f"--set {dotted}: {keys[1] if len(keys) > 1 else ''!r} is not "
                                 f"an index of a list of {len(entries)} entries")
-        schema, node, start = _LIST_SCHEMA[section], entries[int(keys[1])], 2
+        schema, node, start = _LIST_SCHEMA[section](), entries[int(keys[1])], 2
     elif section in _TOP_SCHEMA:
         schema, node, start = _TOP_SCHEMA[section], plan.get(section), 1
     else:
@@ -426,23 +431,26 @@ def check_plan(plan: dict) -> list[str]:
                 problems.append(f"fit.{sid}: its run folder {run.folder} is also the folder of "
                                 f"fit.{folders[run.folder]}; rename one of the steps")
             folders[run.folder] = sid
+    if plan["eval"]:
+        from alignpipe.evaluate import evaluator_spec, list_evaluators
+
+        kinds, eval_options = list_evaluators(), _eval_options()
     for i, step in enumerate(plan["eval"]):
         kind = step.get("kind") if isinstance(step, dict) else None
-        if kind not in ("retrieval", "zeroshot"):
-            problems.append(f"eval.{i}: kind must be retrieval or zeroshot, got {kind!r}")
+        if not isinstance(kind, str) or kind not in kinds:
+            problems.append(f"eval.{i}: kind must be {' or '.join(kinds)}, got {kind!r}")
             continue
-        extra = sorted(set(map(str, step)) - set(EVAL_OPTIONS))
+        extra = sorted(set(map(str, step)) - set(eval_options))
         if extra:
             problems.append(f"eval.{i}: unknown option(s) {', '.join(extra)}"
-                            + _close(extra[0], EVAL_OPTIONS)
-                            + f"; valid: {', '.join(EVAL_OPTIONS)}")
+                            + _close(extra[0], eval_options)
+                            + f"; valid: {', '.join(eval_options)}")
         if step.get("run") is not None and step["run"] not in plan["fit"]:
             problems.append(f"eval.{i}: run {step['run']!r} is not a fit step"
                             + _close(step["run"], plan["fit"]))
         if step.get("run") is None and not step.get("identity"):
             problems.append(f"eval.{i}: needs a run, or identity: true")
-        sides = ("a", "b") if kind == "retrieval" else ("query", "prompts")
-        for side in sides:
+        for side in evaluator_spec(kind).stores:
             if step.get(side) not in plan["embed"]:
                 problems.append(f"eval.{i}: {side} {step.get(side)!r} is not an embed step")
     similarity = plan.get("similarity") or {}
@@ -642,12 +650,13 @@ class Runner:
         return [str(self.plan["embed"][sid]["encoder"]) for sid in embed_ids]
 
     def evaluate(self) -> None:
-        from alignpipe.evaluate import eval_retrieval, eval_zeroshot
+        from alignpipe.evaluate import evaluate, evaluator_spec
 
         for i, step in enumerate(self.plan["eval"]):
             kind = step["kind"]
+            spec = evaluator_spec(kind)
             runs = fit_runs(self.plan, step["run"]) if step.get("run") else [None]
-            sides = ("a", "b") if kind == "retrieval" else ("query", "prompts")
+            sides = spec.stores
             for run in runs:
                 label = run.folder if run else "identity"
                 name = f"{i}:{kind}:{label}"
@@ -657,16 +666,12 @@ class Runner:
                 folder = self.folder / run.folder if run else None
                 output = self.folder / "evals" / f"{i:02d}-{kind}-{label}.json"
                 split = step.get("split", "test")
-                common = {"split": split, "identity": bool(step.get("identity")),
-                          "output": output}
+                # the kind's own options pass through, with its defaults where the entry is silent
+                options = {key: step.get(key, default) for key, default in spec.options.items()}
                 stores = [_store_of(self.plan, step[side]) for side in sides]
-                if kind == "retrieval":
-                    metrics, seconds = self.guarded("eval", name, eval_retrieval, folder,
-                                                    *stores, **common)
-                else:
-                    metrics, seconds = self.guarded(
-                        "eval", name, eval_zeroshot, folder, *stores,
-                        class_embedding=step.get("class_embedding", "mean"), **common)
+                metrics, seconds = self.guarded(
+                    "eval", name, evaluate, kind, folder, stores, output=output, split=split,
+                    identity=bool(step.get("identity")), **options)
                 self.result.evals.append({
                     "index": i, "kind": kind, "run": run.folder if run else None,
                     "step": step.get("run"), "method": run.method if run else "identity",

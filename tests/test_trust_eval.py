@@ -200,7 +200,7 @@ def _app():
 
 # ---- items 1, 9, 24: what a result says about itself, and where it goes -------------------------
 def test_nan_encodings_in_an_eval_score_zero_and_are_reported(tmp_path, monkeypatch):
-    import alignpipe.evaluate as evaluate
+    import alignpipe.evaluate.retrieval as evaluate
 
     n = 6
     stores = stores_from(tmp_path, {"id": [f"r{i}" for i in range(n)],
