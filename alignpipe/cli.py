@@ -44,6 +44,31 @@ class _BuilderGroup(TyperGroup):
         return super().get_command(ctx, cmd_name)
 
 
+class _EvalGroup(TyperGroup):
+    """`alignpipe eval`: the hand-written retrieval and zeroshot commands, plus one command per
+    other registered evaluator, made from its declaration (_eval_command below) when first asked
+    for (so an evaluator registered after this module was imported is a command too)."""
+
+    def _add_evaluators(self) -> None:
+        from alignpipe.evaluate import evaluator_spec, list_evaluators
+
+        for kind in list_evaluators():
+            if kind not in self.commands:
+                spec = evaluator_spec(kind)
+                single = typer.Typer(add_completion=False)
+                single.command(kind, help=spec.description)(_eval_command(spec))
+                self.add_command(typer.main.get_command(single), kind)
+
+    def list_commands(self, ctx):
+        self._add_evaluators()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx, cmd_name):
+        if cmd_name not in self.commands:
+            self._add_evaluators()
+        return super().get_command(ctx, cmd_name)
+
+
 app = typer.Typer(
     name="alignpipe",
     help="Embed once with frozen encoders into a Zarr cache; align and evaluate in minutes.",
@@ -54,7 +79,7 @@ app = typer.Typer(
 manifest_app = typer.Typer(help="Make manifests: the toy dataset and public dataset layouts.",
                            no_args_is_help=True, cls=_BuilderGroup)
 eval_app = typer.Typer(help="Score a run (or two stores in one space): retrieval, zero-shot.",
-                       no_args_is_help=True)
+                       no_args_is_help=True, cls=_EvalGroup)
 bench_app = typer.Typer(help="Benchmarks that print ratios measured in one run.",
                         no_args_is_help=True)
 app.add_typer(manifest_app, name="manifest")
@@ -481,6 +506,48 @@ def eval_zeroshot(
     _print_partial(result)
     console.print(zeroshot_table(result))
     _print_eval_end(result)
+
+
+def _eval_command(spec):
+    """The typer callback of `alignpipe eval <spec.name>` for an evaluator with no hand-written
+    command: its stores as arguments, the options every eval takes, then its own options."""
+    import inspect
+
+    def param(name: str, annotation, default=inspect.Parameter.empty) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                 annotation=annotation)
+
+    device = Annotated[str | None, typer.Option(help="cpu, cuda (default: best).")]
+    parameters = [param(side, Annotated[Path, typer.Argument(help=f"The {side} store.")])
+                  for side in spec.stores]
+    parameters += [param("run", RunOption, None), param("identity", IdentityOption, False),
+                   param("split", EvalSplitOption, "test"), param("output", OutputOption, None),
+                   param("device", device, None), param("manifest", ManifestOption, None),
+                   param("allow_partial", AllowPartialOption, False),
+                   param("threads", ThreadsOption, None)]
+    for name, default in spec.options.items():
+        kind = type(default) if default is not None else str | None
+        parameters.append(param(name, Annotated[kind, typer.Option(
+            help=f"An option of the {spec.name} evaluator.")], default))
+
+    def command(**values) -> None:
+        use_threads(values.pop("threads"))
+        from alignpipe.evaluate import evaluate
+
+        stores = [values.pop(side) for side in spec.stores]
+        result = evaluate(spec.name, values.pop("run"), stores, output=values.pop("output"),
+                          **values)
+        _print_partial(result)
+        for key, value in result.items():  # the headline numbers
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                console.print(f"{key}: {value}", markup=False, highlight=False)
+        _print_eval_end(result)
+
+    command.__name__ = f"eval_{spec.name}"
+    command.__doc__ = spec.description
+    command = friendly(command)
+    command.__signature__ = inspect.Signature(parameters)
+    return command
 
 
 def _int_list(text: str, option: str) -> list[int]:

@@ -182,3 +182,23 @@ def test_the_cli_eval_commands_dispatch_through_the_registry(evaluators, tmp_pat
     assert seen["split"] == "all" and seen["identity"] is True
     written = sorted(p.name for p in tmp_path.glob("eval-retrieval-all-identity__*"))
     assert [Path(n).suffix for n in written] == [".json", ".md", ".png"]
+
+
+def test_a_plugin_evaluator_is_an_eval_command_with_its_options(evaluators, tmp_path):
+    """`alignpipe eval <kind>` exists for a registered kind with no hand-written command."""
+    from alignpipe.cli import app
+
+    register_rowcount()
+    stores = small_stores(tmp_path)
+    cli = CliRunner()
+    assert "rowcount" in cli.invoke(app, ["eval", "--help"]).output
+    out = cli.invoke(app, ["eval", "rowcount", str(stores["image"]), str(stores["text"]),
+                           "--identity", "--split", "all", "--scale", "2.5",
+                           "--output", str(tmp_path / "rc.json")])
+    assert out.exit_code == 0, out.output
+    assert "scale: 2.5" in out.output and "rc.json" in out.output
+    written = json.loads((tmp_path / "rc.json").read_text())
+    assert written["rows"] == [15.0, 15.0] and written["split"] == "all"
+    refused = cli.invoke(app, ["eval", "rowcount", str(stores["image"]), str(stores["text"]),
+                               "--scael", "2"])
+    assert refused.exit_code != 0 and "--scael" in refused.output
