@@ -386,6 +386,7 @@ def fit(
         raise AlignpipeError("fit needs two stores and --out RUN_FOLDER (or --list-methods; "
                              "`--out RUN --resume` alone continues a run)")
     from alignpipe.fit import fit as fit_stores
+    from alignpipe.render import CurvesPNG
     from alignpipe.report import fit_summary_table
 
     use_threads(threads)
@@ -393,7 +394,8 @@ def fit(
     overrides = _common_overrides(set_, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     summary = fit_stores(store_a, store_b, method=method, out=out, config=config,
                          overrides=overrides, resume=resume, device=device, progress=progress,
-                         overwrite=overwrite, manifest=manifest, allow_partial=allow_partial)
+                         overwrite=overwrite, manifest=manifest, allow_partial=allow_partial,
+                         callbacks=[CurvesPNG()])
     console.print(fit_summary_table(summary.to_dict()))
     if summary.cached:
         err_console.print(f"{out} already holds this finished run (same method, config and "

@@ -614,6 +614,7 @@ class Runner:
     def fit(self) -> None:
         from alignpipe.fit import fit, run_state
         from alignpipe.fit.runfolder import read_identity
+        from alignpipe.render import CurvesPNG
 
         for sid, step in self.plan["fit"].items():
             a, b = _store_of(self.plan, step["a"]), _store_of(self.plan, step["b"])
@@ -641,7 +642,7 @@ class Runner:
                 summary, seconds = self.guarded(
                     "fit", run.folder, fit, a, b, out=out, device=self.plan.get("device"),
                     progress=self.progress, resume=state == "incomplete",
-                    overwrite=state == "different", **args)
+                    overwrite=state == "different", callbacks=[CurvesPNG()], **args)
                 self.record("fit", run.folder, "ran", seconds,
                             f"{run.method}, best epoch {summary.best_epoch}"
                             + (f"; {plan}" if plan else ""))

@@ -1,10 +1,15 @@
 """What reports write to files: markdown tables and PNG plots (no rich, matplotlib lazily).
 
-Library code that writes a report file (the training loop's curves, evaluations, the pipeline
+Code that writes a report file (a fit's curves through `CurvesPNG`, evaluations, the pipeline
 report) uses this module; `report` holds the rich tables of the terminal and re-exports these.
 """
 
 from __future__ import annotations
+
+import time
+from pathlib import Path
+
+PLOT_EVERY_S = 30.0  # during a long fit, redraw the curves at most this often
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -29,8 +34,6 @@ def _figure(*args, **kwargs):
 
 def _save_png(fig, plt, path) -> None:
     """Write a figure atomically (a reader never sees half a PNG)."""
-    from pathlib import Path
-
     from alignpipe.fsutil import atomic_path
 
     fig.tight_layout()
@@ -57,6 +60,37 @@ def plot_fit_curves(path, history: list[dict], names: tuple[str, str]) -> None:
         right.legend(fontsize=8)
     right.set(xlabel="epoch", ylabel="val recall (%)", title="validation")
     _save_png(fig, plt, path)
+
+
+class CurvesPNG:
+    """A fit callback (alignpipe/fit/callbacks.py) that draws the run folder's curves.png.
+
+    The CLI's `fit` and the pipeline's fit steps register it: the curves are drawn when the last
+    epoch is done and, during a long run, after an epoch at most every PLOT_EVERY_S (a plot costs
+    ~0.1 s). A library `fit()` draws nothing unless given ``callbacks=[CurvesPNG()]``.
+    """
+
+    def __init__(self, every_s: float = PLOT_EVERY_S):
+        self.every_s = every_s
+        self.last = time.perf_counter()
+        self.drawn: int | None = None  # epochs in the last figure drawn, if any
+
+    def on_fit_start(self, run_dir, history: list[dict], names: tuple[str, str]) -> None:
+        self.last, self.drawn = time.perf_counter(), None
+
+    def on_epoch_end(self, run_dir, history: list[dict], names: tuple[str, str]) -> None:
+        if time.perf_counter() - self.last > self.every_s:
+            self._draw(run_dir, history, names)
+
+    def on_fit_end(self, run_dir, history: list[dict], names: tuple[str, str]) -> None:
+        if history and self.drawn != len(history):
+            self._draw(run_dir, history, names)
+
+    def _draw(self, run_dir, history: list[dict], names: tuple[str, str]) -> None:
+        from alignpipe.fit.runfolder import CURVES
+
+        plot_fit_curves(Path(run_dir) / CURVES, history, names)
+        self.last, self.drawn = time.perf_counter(), len(history)
 
 
 def plot_recall_curves(path, curves: dict[str, list[float]], title: str) -> None:

@@ -294,3 +294,6 @@ def test_the_report_shows_this_runs_plots_not_every_png_in_the_folder(tiny_run, 
     assert "(evals/00-retrieval-pair-mlp.png)" in report
     assert "(evals/00-retrieval-pair-linear.png)" in report
     assert "00-retrieval-pair.png" not in report
+    # each fit's curves, drawn by the CurvesPNG callback the pipeline registers
+    assert (work / "runs" / "tiny" / "pair-mlp" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "(pair-mlp/curves.png)" in report and "(pair-linear/curves.png)" in report

@@ -319,7 +319,7 @@ def run_quality(sizes: list[int], methods=QUALITY_METHODS, device: str | None = 
     """Test R@1/R@5 (mean of both directions) per method and training size, as markdown."""
     from alignpipe.evaluate import eval_retrieval
     from alignpipe.fit import fit
-    from alignpipe.render import markdown_table
+    from alignpipe.render import CurvesPNG, markdown_table
     from alignpipe.synthetic import make_synthetic
 
     results: dict[tuple[str, int], dict] = {}
@@ -331,7 +331,8 @@ def run_quality(sizes: list[int], methods=QUALITY_METHODS, device: str | None = 
             for method in methods:
                 out = root / f"n{size}" / "runs" / method
                 fit(data.store_a, data.store_b, method=method, out=out, device=device,
-                    overrides=quality_overrides(method, size), progress=False, overwrite=True)
+                    overrides=quality_overrides(method, size), progress=False, overwrite=True,
+                    callbacks=[CurvesPNG()])  # --folder keeps the runs, curves included
                 r = eval_retrieval(out, data.store_a, data.store_b, split="test", device=device)
                 results[(method, size)] = {k: (r["image_to_text"][k] + r["text_to_image"][k]) / 2
                                            for k in ("R@1", "R@5")}

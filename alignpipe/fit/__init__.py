@@ -13,7 +13,8 @@ recall, and can resume a killed run exactly. The run folder::
     heads-last.safetensors   heads after the last epoch
     checkpoint.safetensors   last heads + AdamW state + epoch, for --resume
     anchors.safetensors      asif only: the anchor rows (the latents stay in the stores)
-    curves.png               loss and val recall per epoch
+    curves.png               loss and val recall per epoch: drawn by the app's CurvesPNG
+                             callback (the CLI and pipeline register it), not by fit() itself
     diverged.json            only after the loss went non-finite: where; a resume may retune
     run.json                 the summary; written last, so its presence means "finished"
 
@@ -21,6 +22,10 @@ A lock file ``.NAME.lock`` beside the folder keeps a second writer out while a f
 refused before it wrote anything leaves no folder behind. A run is the same run wherever its
 stores lie (they are compared by what they are), so a project moved as a whole keeps its runs:
 ``--resume`` alone and an asif run's anchors find the stores relative to the run folder.
+
+``callbacks=[...]`` receives the training loop's events (fit start, each validated epoch with the
+metrics so far, fit end; see fit/callbacks.py): how the app draws curves.png, and how a caller
+follows a fit without reading metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import yaml
 
 from alignpipe._version import __version__
 from alignpipe.errors import AlignpipeError
+from alignpipe.fit.callbacks import Callbacks, FitCallback
 from alignpipe.fit.config import (
     COMMON_DEFAULTS,
     TRAIN_DEFAULTS,
@@ -83,13 +89,14 @@ from alignpipe.yamlsafe import load_yaml
 # Below this many val pairs, recall moves by ≥ 1 point per pair and cannot choose an epoch.
 MIN_VAL_PAIRS = 100
 
-__all__ = ["COMMON_DEFAULTS", "TRAIN_DEFAULTS", "FitSummary", "LoadedRun", "default_config",
-           "fit", "load_run", "read_metrics", "resolve_config", "run_is_complete", "run_state"]
+__all__ = ["COMMON_DEFAULTS", "TRAIN_DEFAULTS", "FitCallback", "FitSummary", "LoadedRun",
+           "default_config", "fit", "load_run", "read_metrics", "resolve_config",
+           "run_is_complete", "run_state"]
 
 
 def fit(store_a=None, store_b=None, *, method: str | None = None, out, config=None,
         overrides: dict | None = None, resume: bool = False, device=None, progress: bool = True,
-        **options) -> FitSummary:
+        callbacks=(), **options) -> FitSummary:
     """Train (or, for asif, collect anchors for) an alignment of two stores into `out`.
 
     A finished run with the same config and stores is returned as it is; an unfinished one
@@ -100,9 +107,12 @@ def fit(store_a=None, store_b=None, *, method: str | None = None, out, config=No
     saved stores are looked for relative to `out` first, then at their recorded paths. A finished
     or resumed run whose stores moved records where they are now (``summary.cached`` says a
     finished run was found and nothing was fitted).
-    One process at a time writes a run folder (a lock beside it). `options`: `overwrite`,
-    `manifest`, `allow_partial` (see `_fit`).
+    One process at a time writes a run folder (a lock beside it). `callbacks`: objects with any
+    of on_fit_start / on_epoch_end / on_fit_end (fit/callbacks.py), called by the training loop;
+    no figure is drawn without one (the CLI passes `alignpipe.render.CurvesPNG`). `options`:
+    `overwrite`, `manifest`, `allow_partial` (see `_fit`).
     """
+    callbacks = Callbacks(callbacks)  # a wrong object is refused before anything is touched
     out = Path(out)
     with run_lock(out):
         saved = read_identity(out) if resume and not options.get("overwrite") else None
@@ -120,12 +130,14 @@ def fit(store_a=None, store_b=None, *, method: str | None = None, out, config=No
                                  f"run takes them from its config.yaml)")
         base = saved["config"] if saved is not None and saved["method"] == method else None
         return _fit(store_a, store_b, method=method, out=out, config=config, overrides=overrides,
-                    resume=resume, device=device, progress=progress, base=base, **options)
+                    resume=resume, device=device, progress=progress, base=base,
+                    callbacks=callbacks, **options)
 
 
 def _fit(store_a, store_b, *, method: str, out, config=None, overrides: dict | None = None,
          resume: bool = False, device=None, progress: bool = True, base: dict | None = None,
-         overwrite: bool = False, manifest=None, allow_partial: bool = False) -> FitSummary:
+         callbacks: Callbacks | None = None, overwrite: bool = False, manifest=None,
+         allow_partial: bool = False) -> FitSummary:
     """`fit` under the run folder's lock; `base` is the saved config a resume starts from.
 
     A finished run with the same config and stores is returned as it is; an unfinished one
@@ -157,7 +169,8 @@ def _fit(store_a, store_b, *, method: str, out, config=None, overrides: dict | N
             sort_keys=False))
     try:
         with os_errors(out):  # a full disk or read-only folder is one line naming the path
-            return _run(a, b, manifest, method, cfg, out, state, device, progress, started)
+            return _run(a, b, manifest, method, cfg, out, state, device, progress, started,
+                        callbacks or Callbacks())
     except AlignpipeError as err:
         # A run refused (or diverged) before its first good checkpoint leaves nothing behind to
         # "resume", not even heads: a leftover file would make the folder "not a run".
@@ -171,7 +184,7 @@ def _fit(store_a, store_b, *, method: str, out, config=None, overrides: dict | N
 
 
 def _run(a, b, manifest, method: str, cfg: dict, out: Path, state: str, device,
-         progress: bool, started: float) -> FitSummary:
+         progress: bool, started: float, callbacks: Callbacks) -> FitSummary:
     dev = resolve_device(device)
     log = RunLog(out / LOG, echo=progress)
     log(f"fit {method}: {a.modality} {a.path} (dim {a.dim}) ↔ {b.modality} {b.path} "
@@ -191,7 +204,8 @@ def _run(a, b, manifest, method: str, cfg: dict, out: Path, state: str, device,
     for line in warnings:
         log(f"warning: {line}")
     if model.trained:
-        trainer = Trainer(out, cfg, dev, log, progress, names, resume=state == "resume")
+        trainer = Trainer(out, cfg, dev, log, progress, names, resume=state == "resume",
+                          callbacks=callbacks)
         model.fit(train, val, loop=trainer)
         history = read_metrics(out)
         best = next((m for m in history if m["epoch"] == trainer.best_epoch), None)

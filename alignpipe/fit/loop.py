@@ -1,7 +1,8 @@
 """The one training loop: latents resident on the device, batches by on-device permutation.
 
 It uses a method only through the `TrainedMethod` protocol (methods/base.py): a method with
-another loss, heads or batch transform needs no change here.
+another loss, heads or batch transform needs no change here. It draws nothing: it emits its
+events (fit start, each validated epoch, fit end) to the callbacks of fit/callbacks.py.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import numpy as np
 import torch
 
 from alignpipe.errors import AlignpipeError
+from alignpipe.fit.callbacks import Callbacks
 from alignpipe.fit.runfolder import (
     CHECKPOINT,
-    CURVES,
     DIVERGED,
     HEADS_BEST,
     HEADS_LAST,
@@ -38,7 +39,6 @@ from alignpipe.metrics import encoded_retrieval, nonfinite_rows
 from alignpipe.progress import progress_bar
 
 CPU_MEMORY_BUDGET = 4 << 30   # bytes of activations a CPU step may use before we shrink it
-PLOT_EVERY_S = 30.0
 CHECKPOINT_FORMAT = "alignpipe-checkpoint-1"
 # What a resume must reuse exactly: the batch decides the steps, the steps the lr schedule.
 PLAN_KEYS = ("batch", "rows_per_step", "steps_per_epoch", "total_steps", "warmup", "seed",
@@ -130,14 +130,14 @@ class Trainer:
     """The one training loop. fit() hands an instance to a trained method as its `loop`."""
 
     def __init__(self, out: Path, config: dict, device: torch.device, log: RunLog,
-                 progress: bool, names: tuple[str, str], resume: bool):
+                 progress: bool, names: tuple[str, str], resume: bool, callbacks=()):
         self.out, self.cfg, self.device, self.log = out, config, device, log
         self.progress, self.names, self.resume = progress, names, resume
+        self.callbacks = callbacks if isinstance(callbacks, Callbacks) else Callbacks(callbacks)
         self.history: list[dict] = []
         self.batch = self.steps_per_epoch = self.total_steps = 0
         self.train_seconds = 0.0
         self.pairs_seen = 0
-        self.last_plot = time.perf_counter()
 
     # ---- setup --------------------------------------------------------------------------------
     def _autocast(self):
@@ -259,6 +259,7 @@ class Trainer:
                                       lr=self.cfg["lr"], betas=(0.9, 0.999))
         start, self.best_value, self.best_epoch = self._restore(method, optimizer, checkpoint)
         self.checkpoint_epoch = start
+        self._emit("on_fit_start")
         with _progress_bar(self.progress, self.total_steps, start * self.steps_per_epoch,
                            self.log.console) as bar:
             losses = []
@@ -270,6 +271,10 @@ class Trainer:
                     self._end_epoch(method, optimizer, val, done, float(np.mean(losses)))
                     losses = []
                     _after_epoch(done)
+        self._emit("on_fit_end")
+
+    def _emit(self, event: str) -> None:
+        self.callbacks.emit(event, self.out, self.history, self.names)
 
     def _train_epoch(self, method, optimizer, train: Pairs, epoch: int, autocast, bar) -> float:
         seed = _epoch_seed(self.cfg["seed"], epoch)
@@ -374,10 +379,7 @@ class Trainer:
                  + (f"; non-finite encodings of {val_metrics['nonfinite_rows']} val rows: "
                     f"never chosen as best, checkpoint of epoch {self.checkpoint_epoch} kept"
                     if val_metrics.get("nonfinite") else ""))
-        # A plot costs ~0.1 s: redraw at the end, and during long runs at most every PLOT_EVERY_S.
-        if epoch == self.cfg["epochs"] or time.perf_counter() - self.last_plot > PLOT_EVERY_S:
-            _plot_curves(self.out, self.history, self.names)
-            self.last_plot = time.perf_counter()
+        self._emit("on_epoch_end")
 
 
 class _NoBar:
@@ -405,12 +407,6 @@ class _Bar:
 
 def _progress_bar(show: bool, total: int, completed: int, console):
     return _Bar(total, completed, console) if show else _NoBar()
-
-
-def _plot_curves(out: Path, history: list[dict], names: tuple[str, str]) -> None:
-    from alignpipe.render import plot_fit_curves
-
-    plot_fit_curves(out / CURVES, history, names)
 
 
 # ---- validation ---------------------------------------------------------------------------------
