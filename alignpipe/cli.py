@@ -20,53 +20,55 @@ from alignpipe.errors import AlignpipeError
 from alignpipe.fsutil import DiskError, describe_os_error
 
 
-class _BuilderGroup(TyperGroup):
-    """`alignpipe manifest`: one command per registered builder, made from its declared options
-    (alignpipe/builders/registry.py, _builder_command below) when first asked for (so a
-    builder registered after this module was imported is a command too)."""
+class _PluginGroup(TyperGroup):
+    """A command group with one command per registered plug-in, made from its declaration when
+    first asked for (so a plug-in registered after this module was imported is a command too).
+    Subclasses name the plug-ins: `kind -> (help, command function)`, built lazily."""
 
-    def _add_builders(self) -> None:
-        from alignpipe.builders import builder_spec, list_builders
+    def plugins(self) -> dict:
+        raise NotImplementedError
 
-        for kind in list_builders():
-            spec = builder_spec(kind)
-            if spec.cli and kind not in self.commands:
-                single = typer.Typer(add_completion=False)
-                single.command(kind, help=spec.help)(_builder_command(spec))
-                self.add_command(typer.main.get_command(single), kind)
-
-    def list_commands(self, ctx):
-        self._add_builders()
-        return super().list_commands(ctx)
-
-    def get_command(self, ctx, cmd_name):
-        self._add_builders()
-        return super().get_command(ctx, cmd_name)
-
-
-class _EvalGroup(TyperGroup):
-    """`alignpipe eval`: the hand-written retrieval and zeroshot commands, plus one command per
-    other registered evaluator, made from its declaration (_eval_command below) when first asked
-    for (so an evaluator registered after this module was imported is a command too)."""
-
-    def _add_evaluators(self) -> None:
-        from alignpipe.evaluate import evaluator_spec, list_evaluators
-
-        for kind in list_evaluators():
+    def _add_plugins(self) -> None:
+        for kind, make in self.plugins().items():
             if kind not in self.commands:
-                spec = evaluator_spec(kind)
+                help_text, command = make()
                 single = typer.Typer(add_completion=False)
-                single.command(kind, help=spec.description)(_eval_command(spec))
+                single.command(kind, help=help_text)(command)
                 self.add_command(typer.main.get_command(single), kind)
 
     def list_commands(self, ctx):
-        self._add_evaluators()
+        self._add_plugins()
         return super().list_commands(ctx)
 
     def get_command(self, ctx, cmd_name):
         if cmd_name not in self.commands:
-            self._add_evaluators()
+            self._add_plugins()
         return super().get_command(ctx, cmd_name)
+
+
+class _BuilderGroup(_PluginGroup):
+    """`alignpipe manifest`: one command per registered builder, from its declared options
+    (alignpipe/builders/registry.py, _builder_command below)."""
+
+    def plugins(self) -> dict:
+        from alignpipe.builders import builder_spec, list_builders
+
+        specs = {kind: builder_spec(kind) for kind in list_builders()}
+        return {kind: functools.partial(lambda s: (s.help, _builder_command(s)), spec)
+                for kind, spec in specs.items() if spec.cli}
+
+
+class _EvalGroup(_PluginGroup):
+    """`alignpipe eval`: the hand-written retrieval and zeroshot commands, plus one command per
+    other registered evaluator, from its declaration (_eval_command below)."""
+
+    def plugins(self) -> dict:
+        from alignpipe.evaluate import evaluator_spec, list_evaluators
+
+        return {kind: functools.partial(
+                    lambda k: (evaluator_spec(k).description, _eval_command(evaluator_spec(k))),
+                    kind)
+                for kind in list_evaluators()}
 
 
 app = typer.Typer(
@@ -90,13 +92,25 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _disk_errors_as_user_errors(fn, *args, **kwargs):
+    """A full disk, a read-only folder or missing permissions is the user's to fix, not a bug:
+    it becomes a DiskError naming the path. Any other OSError keeps its traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except OSError as err:
+        message = describe_os_error(err)
+        if message is None:
+            raise
+        raise DiskError(message) from None
+
+
 def friendly(fn):
     """Turn user mistakes (AlignpipeError) into a clear message and exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            return _disk_errors_as_user_errors(fn, *args, **kwargs)
         except AlignpipeError as err:
             err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False,
                               soft_wrap=True)
@@ -104,15 +118,6 @@ def friendly(fn):
         except KeyboardInterrupt:
             err_console.print("interrupted; finished work units are kept, rerun to resume")
             raise typer.Exit(code=130) from None
-        except OSError as err:
-            # A full disk, a read-only folder or missing permissions is the user's to fix, not
-            # a bug: one line naming the path. Any other OSError keeps its traceback.
-            message = describe_os_error(err)
-            if message is None:
-                raise
-            err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False,
-                              soft_wrap=True)
-            raise typer.Exit(code=DiskError.exit_code) from None
 
     return wrapper
 
