@@ -162,12 +162,23 @@ def _read_holder(lock: Path) -> dict:
 
 
 def _try_create(lock: Path, holder: dict) -> bool:
+    """Publish a complete lock file in one step (link of a written temp file), so a lock file
+    is never seen empty while its holder lives: an empty one is a crash's leftover."""
+    tmp = temp_name(lock)
+    tmp.write_text(json.dumps(holder))
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.link(tmp, lock)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as handle:
-        handle.write(json.dumps(holder))
+    except OSError:  # a file system without hard links: exclusive create, then write
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(holder))
+    finally:
+        tmp.unlink(missing_ok=True)
     return True
 
 
@@ -193,12 +204,11 @@ def exclusive_lock(lock: str | Path, what: str) -> Iterator[None]:
                     and not _pid_alive(pid):
                 lock.unlink(missing_ok=True)  # stale: its holder is dead
                 continue
+            if not other and lock.exists():
+                lock.unlink(missing_ok=True)  # empty or torn: never a live holder's (see above)
+                continue
             if not other:
-                # Being written this instant, or torn by a crash; a second look tells which.
-                other = _read_holder(lock)
-                if not other:
-                    lock.unlink(missing_ok=True)
-                    continue
+                continue  # released between our two looks
             where = "" if same_host else f" on host {other.get('host')}"
             raise LockedError(
                 f"{what} is being written by another alignpipe process (pid {other.get('pid')}"

@@ -154,3 +154,21 @@ def test_a_lock_that_cannot_be_removed_does_not_mask_the_real_error(tmp_path, mo
         with exclusive_lock(lock, "store S"):
             monkeypatch.setattr(Path, "unlink", read_only)
             raise RuntimeError("the body's own error")
+
+
+def test_a_lock_file_is_never_seen_empty_while_its_holder_lives(tmp_path, monkeypatch):
+    """The holder is published whole, so a second process never reads an empty lock and
+    mistakes it for a crash's leftover (which would let both hold it)."""
+    lock = tmp_path / "s.lock"
+    seen = []
+    real_link = os.link
+
+    def watching_link(source, target):
+        real_link(source, target)
+        seen.append(Path(target).read_text())
+
+    monkeypatch.setattr(os, "link", watching_link)
+    with exclusive_lock(lock, "store S"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert seen and json.loads(seen[0])["pid"] == os.getpid()
+    assert [p.name for p in tmp_path.iterdir()] == []
