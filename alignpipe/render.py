@@ -49,7 +49,7 @@ def plot_fit_curves(path, history: list[dict], names: tuple[str, str]) -> None:
     plt, fig, (left, right) = _figure(1, 2, figsize=(10, 3.6))
     epochs = [h["epoch"] for h in history]
     left.plot(epochs, [h["train_loss"] for h in history], marker=".")
-    left.set(xlabel="epoch", ylabel="train loss (InfoNCE)", title="loss")
+    left.set(xlabel="epoch", ylabel="train loss", title="loss")
     for key in (f"{names[0]}_to_{names[1]}", f"{names[1]}_to_{names[0]}"):
         values = [h.get("val", {}).get(key, {}).get("R@1") for h in history]
         if any(v is not None for v in values):

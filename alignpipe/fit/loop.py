@@ -428,15 +428,9 @@ def validate(method, val: Pairs, names: tuple[str, str]) -> dict:
     out["mean_recall"] = float(np.mean([*forward.values(), *backward.values()]))
     # A diverged model's NaN encodings must never read as a result: flag them here, whatever
     # the recall above says (the metrics count a NaN score as a miss, but do not rely on it).
-    bad = {names[0]: _nonfinite(enc_a), names[1]: _nonfinite(enc_b)}
+    bad = {names[0]: nonfinite_rows(enc_a), names[1]: nonfinite_rows(enc_b)}
     if any(bad.values()):
         out["nonfinite"] = True
         out["nonfinite_rows"] = bad
     return out
 
-
-def _nonfinite(enc) -> int:
-    values = enc.values if hasattr(enc, "values") and not torch.is_tensor(enc) else enc
-    if not bool(torch.isfinite(values).all()):
-        return max(1, nonfinite_rows(enc))
-    return 0
