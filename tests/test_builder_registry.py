@@ -149,3 +149,13 @@ def test_shipped_builders_keep_their_older_make_keys(tmp_path):
     assert make_option_problems({"kind": "cc3m", "source": "x.tsv", "check": "off"}) == []
     assert "unknown option(s) check" in make_option_problems(
         {"kind": "prompts", "check": "off"})[0]
+
+
+def test_a_mistyped_check_policy_is_refused_not_read_as_skip(tmp_path):
+    from alignpipe.planning import make_manifest
+
+    step = {"manifest": str(tmp_path / "m.parquet"),
+            "make": {"kind": "folder", "source": str(tmp_path), "check": "of"}}
+    with pytest.raises(AlignpipeError, match="check 'of' is not one of error, skip, off"):
+        make_manifest(step)
+    assert not (tmp_path / "m.parquet").exists()

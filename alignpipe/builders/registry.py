@@ -135,7 +135,11 @@ SPLIT_SEED = Option("split_seed", int, 0,
 
 def check_of(check_files: bool, skip_missing: bool, check: str | None = None) -> str:
     """The check policy of the options: ``check`` (make: only) wins over the two flags."""
-    return check if check is not None else check_policy(check_files, skip_missing)
+    if check is None:
+        return check_policy(check_files, skip_missing)
+    if check not in CHECK_POLICIES:  # a typo must not fall through to "skip" and drop rows
+        raise AlignpipeError(f"make: check {check!r} is not one of {', '.join(CHECK_POLICIES)}")
+    return check
 
 
 def split_plan_of(fractions: str | None, seed: int, override: bool = False) -> SplitPlan | None:

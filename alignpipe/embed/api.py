@@ -26,6 +26,7 @@ from alignpipe.encoders import (
 )
 from alignpipe.errors import AlignpipeError, StoreError
 from alignpipe.manifest import FILE_COLUMNS, MEDIA_COLUMNS, Manifest, read_manifest
+from alignpipe.names import plain_name_problem
 from alignpipe.store import (
     LATENT_DTYPES,
     LatentStore,
@@ -117,8 +118,7 @@ def dataset_name(dataset: str | None, manifest: Manifest) -> str:
     """The store's dataset folder: one plain folder name, so a store never lands outside
     ``<cache>`` (``--dataset ../../x`` is refused)."""
     name = manifest.name if dataset is None else str(dataset)
-    if (not name.strip() or name in (".", "..") or "/" in name or "\\" in name
-            or "\0" in name):
+    if plain_name_problem(name, "--dataset") is not None:
         what = "--dataset" if dataset is not None else f"{manifest.path}: the manifest's name"
         raise EmbedError(f"{what} {name!r} is not a plain folder name (no '/', '\\' or '..'): "
                          f"the store goes to <cache>/<dataset>/<encoder>; give --dataset NAME")
