@@ -10,9 +10,6 @@ config says 518 at crop_pct 1.0). ``--image-size S`` keeps the ratio: 448 resize
 
 from __future__ import annotations
 
-import alignpipe.encoders.audio  # noqa: F401  (registers hf-whisper, hf-ast, hf-clap)
-import alignpipe.encoders.text  # noqa: F401  (registers hf-text, hf-clip-text)
-import alignpipe.encoders.vision  # noqa: F401  (registers timm, hf-vision, hf-clip-image)
 from alignpipe.encoders.registry import (
     CLIP_MEAN,
     CLIP_STD,
