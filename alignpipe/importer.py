@@ -207,7 +207,7 @@ def import_latents(latents: str | Path, *, manifest: str | Path, modality: str, 
             failures = [{"id": man.ids[start + i], "row": start + i, "column": modality,
                          "reason": "no embedding for this row in the imported data"}
                         for i in np.flatnonzero(~valid)]
-            store.write_unit(unit, values, valid, failures)
+            store.write_unit(unit, values, valid, failures, ids=man.ids[start:stop])
         store.merge_failures()
     final = open_store(target)
     return {"path": str(target), "rows": final.rows, "dim": final.dim,

@@ -36,15 +36,8 @@ def as_store(store: str | Path | LatentStore) -> LatentStore:
 
 # ---- opening stores for stage two ---------------------------------------------------------------
 def manifest_locations(store: LatentStore) -> list[Path]:
-    """Where a store's manifest may be: at its path relative to the store (which follows a
-    project moved as a whole), then at the absolute path recorded when it was embedded."""
-    info = store.manifest_info
-    found = []
-    if info.get("relative_path"):
-        found.append((store.path.resolve() / info["relative_path"]).resolve())
-    if info.get("path"):
-        found.append(Path(info["path"]))
-    return list(dict.fromkeys(found))
+    """Where a store's manifest may be (see `LatentStore.manifest_locations`)."""
+    return store.manifest_locations()
 
 
 def _built_from(store: LatentStore) -> str:

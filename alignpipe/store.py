@@ -297,7 +297,9 @@ class LatentStore:
     def repair_command(self, verify: bool = False) -> str:
         """The command that redoes this store's damaged or missing units; `verify` adds
         ``--verify`` for damage only checksums find (embed's cheap check would skip it)."""
-        encoder, manifest = self.encoder, self.manifest_info.get("path") or "MANIFEST"
+        found = [p for p in self.manifest_locations() if p.exists()]  # after a move too
+        encoder = self.encoder
+        manifest = found[0] if found else self.manifest_info.get("path") or "MANIFEST"
         where = ["--cache", self.path.parent.parent, "--dataset", self.path.parent.name]
         if encoder.get("backend") == "import":
             parts = ["alignpipe", "import", encoder.get("source") or "LATENTS", "--manifest",
@@ -406,20 +408,26 @@ class LatentStore:
                      for i, finite, name in zip(bad, source_finite, names, strict=True)]
         return stored, valid, sorted(failures, key=lambda f: f["row"])
 
+    def manifest_locations(self) -> list[Path]:
+        """Where this store's manifest may be: at its path relative to the store (which follows
+        a project moved as a whole), then at the absolute path recorded when it was built."""
+        info, found = self.manifest_info, []
+        if info.get("relative_path"):
+            found.append((self.path.resolve() / info["relative_path"]).resolve())
+        if info.get("path"):
+            found.append(Path(info["path"]))
+        return list(dict.fromkeys(found))
+
     def _manifest_ids(self, rows: np.ndarray) -> list[str]:
         """Manifest ids of `rows`, read from the store's manifest ("" where it is gone)."""
         from alignpipe.manifest import read_manifest
 
-        info = self.manifest_info
-        for candidate in (info.get("path"), info.get("relative_path")):
-            if not candidate:
-                continue
-            path = Path(candidate) if Path(candidate).is_absolute() else self.path / candidate
+        for path in self.manifest_locations():
             try:
                 manifest = read_manifest(path)
             except (AlignpipeError, OSError):
                 continue
-            if manifest.sha256 == info.get("sha256"):
+            if manifest.sha256 == self.manifest_info.get("sha256"):
                 return [manifest.ids[int(r)] for r in rows]
         return [""] * len(rows)
 

@@ -360,3 +360,24 @@ def test_a_second_writer_is_refused_and_leaves_nothing(tmp_path, manifest):
             import_latents(tmp_path / "x.npy", manifest=manifest.path, modality="text",
                            encoder="e", cache=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()  # lock released, no empty folders left
+
+
+def test_the_repair_command_names_the_manifest_where_it_is_after_a_move(tmp_path, manifest):
+    """Item 10 with item 16: a project moved as a whole gets a repair command it can run."""
+    import shutil
+
+    np.save(tmp_path / "x.npy", np.ones((100, 8), np.float32))
+    result = import_latents(tmp_path / "x.npy", manifest=manifest.path, modality="text",
+                            encoder="outside", cache=tmp_path / "cache", unit_rows=25)
+    store_rel = Path(result["path"]).relative_to(tmp_path)
+    manifest_rel = Path(manifest.path).relative_to(tmp_path)
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    shutil.copytree(tmp_path, moved)
+    shutil.rmtree(tmp_path / "cache")
+    Path(manifest.path).unlink()
+    store = open_store(moved / store_rel)
+    shard(store, 1).unlink()
+    with pytest.raises(StoreError) as refused:
+        store.require_intact()
+    command = str(refused.value).split("to redo them: ", 1)[1].split()
+    assert command[command.index("--manifest") + 1] == str((moved / manifest_rel).resolve())
