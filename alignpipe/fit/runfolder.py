@@ -536,7 +536,7 @@ def load_run(run, device=None, which: str = "best", stores=()) -> LoadedRun:
 
 def _load_anchors(method, path: Path, stores: dict, device: torch.device, cfg: dict,
                   candidates=()) -> None:
-    from alignpipe.latents import read_rows, to_device
+    from alignpipe.latents import load_rows
 
     load_into(method, read_tensors(path / ANCHORS, "anchor list"), path / ANCHORS,
               "anchor list")
@@ -547,6 +547,6 @@ def _load_anchors(method, path: Path, stores: dict, device: torch.device, cfg: d
     opened = {}
     for side in ("a", "b"):
         store = locate_store(path, stores[side], side, hint, candidates)
-        opened[side] = to_device(read_rows(store, method.anchor_rows), device,
+        opened[side] = load_rows(store, method.anchor_rows, device,
                                  storage_dtype(device, cfg.get("storage_dtype", "auto")))
     method.set_anchors(opened["a"], opened["b"], method.anchor_rows)
