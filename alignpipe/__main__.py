@@ -1,3 +1,3 @@
-from alignpipe.cli import main
+from alignpipe.app.cli import main
 
 main()

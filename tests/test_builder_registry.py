@@ -14,11 +14,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from alignpipe.builders import BuildResult, list_builders
-from alignpipe.builders.registry import OUT, Option, builder_spec, register_builder
-from alignpipe.cli import app
-from alignpipe.errors import AlignpipeError
-from alignpipe.manifest import read_manifest, write_manifest
+from alignpipe.app.cli import app
+from alignpipe.data.builders import BuildResult, list_builders
+from alignpipe.data.builders.registry import OUT, Option, builder_spec, register_builder
+from alignpipe.data.manifest import read_manifest, write_manifest
+from alignpipe.util.errors import AlignpipeError
 
 KIND = "echo-lines"
 
@@ -84,8 +84,8 @@ def _plan(tmp_path: Path, make: dict) -> Path:
 
 
 def test_a_registered_builder_runs_from_a_pipeline_make_block(lines, tmp_path):
-    from alignpipe.pipeline import check_plan, load_pipeline, run_pipeline
-    from alignpipe.planning import make_manifest, make_source_problems
+    from alignpipe.app.pipeline.planning import make_manifest, make_source_problems
+    from alignpipe.app.pipeline.runner import check_plan, load_pipeline, run_pipeline
 
     make = {"kind": KIND, "source": str(lines), "repeat": "3", "upper": True}
     path = _plan(tmp_path, make)
@@ -107,7 +107,7 @@ def test_a_registered_builder_runs_from_a_pipeline_make_block(lines, tmp_path):
 
 
 def test_unknown_make_options_and_kinds_are_refused_by_name_with_close_matches(lines, tmp_path):
-    from alignpipe.pipeline import check_plan, load_pipeline
+    from alignpipe.app.pipeline.runner import check_plan, load_pipeline
 
     plan = load_pipeline(_plan(tmp_path, {"kind": KIND, "source": str(lines), "repaet": 2}))
     assert check_plan(plan) == [
@@ -123,7 +123,7 @@ def test_unknown_make_options_and_kinds_are_refused_by_name_with_close_matches(l
 
 
 def test_make_values_are_checked_against_the_declared_types(lines, tmp_path):
-    from alignpipe.planning import make_manifest
+    from alignpipe.app.pipeline.planning import make_manifest
 
     step = {"manifest": str(tmp_path / "m.parquet"),
             "make": {"kind": KIND, "source": str(lines), "repeat": "many"}}
@@ -136,7 +136,7 @@ def test_make_values_are_checked_against_the_declared_types(lines, tmp_path):
 
 
 def test_shipped_builders_keep_their_older_make_keys(tmp_path):
-    from alignpipe.planning import make_manifest, make_option_problems
+    from alignpipe.app.pipeline.planning import make_manifest, make_option_problems
 
     # prompts took template_set (its function's name) as well as templates
     assert make_option_problems({"kind": "prompts", "template_set": "photo"}) == []
@@ -152,7 +152,7 @@ def test_shipped_builders_keep_their_older_make_keys(tmp_path):
 
 
 def test_a_mistyped_check_policy_is_refused_not_read_as_skip(tmp_path):
-    from alignpipe.planning import make_manifest
+    from alignpipe.app.pipeline.planning import make_manifest
 
     step = {"manifest": str(tmp_path / "m.parquet"),
             "make": {"kind": "folder", "source": str(tmp_path), "check": "of"}}

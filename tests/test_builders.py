@@ -14,7 +14,8 @@ import soundfile as sf
 from PIL import Image
 from typer.testing import CliRunner
 
-from alignpipe.builders import (
+from alignpipe.app.cli import app
+from alignpipe.data.builders import (
     build_audiocaps,
     build_cc3m,
     build_clotho,
@@ -29,10 +30,9 @@ from alignpipe.builders import (
     read_templates,
     templates,
 )
-from alignpipe.builders._common import media_cell
-from alignpipe.cli import app
-from alignpipe.errors import ManifestError
-from alignpipe.manifest import Manifest, read_manifest
+from alignpipe.data.builders._common import media_cell
+from alignpipe.data.manifest import Manifest, read_manifest
+from alignpipe.util.errors import ManifestError
 
 runner = CliRunner()
 

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 from typer.testing import CliRunner
 
-from alignpipe.cli import app
-from alignpipe.toy import folder_digest
+from alignpipe.app.cli import app
+from alignpipe.app.toy import folder_digest
 
 runner = CliRunner()
 

@@ -16,11 +16,11 @@ import zarr
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from alignpipe.cli import app
+from alignpipe.app.cli import app
+from alignpipe.data.manifest import write_manifest
+from alignpipe.data.store import open_store
 from alignpipe.embed import EmbedError, embed, embed_status
 from alignpipe.encoders import EncoderError, load_encoder
-from alignpipe.manifest import write_manifest
-from alignpipe.store import open_store
 
 
 def run(toy: Path, encoder: str, cache: Path, **kwargs):
@@ -46,7 +46,7 @@ def test_store_holds_every_row_with_provenance(toy_dir, tmp_path):
 
 
 def summary_sha(toy: Path) -> str:
-    from alignpipe.manifest import file_sha256
+    from alignpipe.data.manifest import file_sha256
 
     return file_sha256(toy / "toy.parquet")
 
@@ -192,7 +192,7 @@ def test_cli_exit_code_when_too_many_rows_fail(toy_copy, tmp_path):
 
 
 def test_bench_embed_reports_all_three_loops_and_ratios():
-    from alignpipe.benchmarks.embed import run_embed_bench
+    from alignpipe.app.benchmarks.embed import run_embed_bench
 
     rows = {r["name"]: r for r in run_embed_bench(rows=64, device="cpu", quick=True)}
     for name in ("embed", "bare forward loop", "naive decode→forward loop"):
@@ -202,7 +202,7 @@ def test_bench_embed_reports_all_three_loops_and_ratios():
 
 
 def test_tar_shards_keep_memory_and_descriptors_bounded(tmp_path, monkeypatch):
-    from alignpipe import media
+    from alignpipe.data import media
 
     monkeypatch.setattr(media, "TAR_INDEXES_KEPT", 2)
     monkeypatch.setattr(media, "_TAR_INDEXES", media.OrderedDict())

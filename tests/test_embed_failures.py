@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from alignpipe.data.manifest import write_manifest
+from alignpipe.data.store import open_store
 from alignpipe.embed import FailureRateError, embed
-from alignpipe.manifest import write_manifest
-from alignpipe.store import open_store
 
 # scene k of the toy set: rows 2k and 2k+1, images/000/{k:06d}.png (k even) or .jpg (k odd)
 
@@ -118,7 +118,7 @@ def test_missing_media_cell_is_a_failure_not_a_crash(toy_dir, tmp_path):
 
 
 def _hang_on(name: str):
-    from alignpipe import media
+    from alignpipe.data import media
 
     real = media.open_image
 
@@ -186,7 +186,7 @@ def test_failure_rate_over_the_limit_raises_after_the_store_is_finished(toy_copy
 def test_audio_formats_decode_to_mono_at_the_model_rate(tmp_path, fmt, subtype):
     import soundfile as sf
 
-    from alignpipe.media import MediaError, MediaRef, load_audio
+    from alignpipe.data.media import MediaError, MediaRef, load_audio
 
     t = np.arange(8000) / 8000
     stereo = np.stack([0.3 * np.sin(2 * np.pi * 440 * t)] * 2, axis=1).astype(np.float32)

@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from alignpipe.manifest import write_manifest
-from alignpipe.toy import _scene, caption
+from alignpipe.app.toy import _scene, caption
+from alignpipe.data.manifest import write_manifest
 
 PEAK_RSS = """
 import resource, sys

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from alignpipe.data.store import open_store
 from alignpipe.embed import embed
-from alignpipe.store import open_store
 
 OPTIONS = {"unit_rows": 40, "batch_size": 8}
 

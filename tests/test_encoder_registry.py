@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import alignpipe.encoders as encoders
+from alignpipe.data.store import open_store
 from alignpipe.embed import embed
 from alignpipe.encoders import (
     EncoderError,
@@ -35,8 +36,7 @@ from alignpipe.encoders.base import check_pooling
 from alignpipe.encoders.pixels import from_processor, from_timm
 from alignpipe.encoders.registry import CLIP_MEAN, IMAGENET_MEAN, auto_adapter, with_overrides
 from alignpipe.encoders.weights import WeightsSource
-from alignpipe.registry import Registry
-from alignpipe.store import open_store
+from alignpipe.util.registry import Registry
 
 PACKAGE = Path(encoders.__file__).parent
 
@@ -162,7 +162,7 @@ def test_a_loaded_timm_adapter_runs_the_spec_contract():
 
 
 def test_list_encoders_shows_the_contract_without_loading_a_model():
-    code = ("import sys; from typer.testing import CliRunner; from alignpipe.cli import app; "
+    code = ("import sys; from typer.testing import CliRunner; from alignpipe.app.cli import app; "
             "r = CliRunner().invoke(app, ['embed', '--list-encoders']); print(r.output); "
             "print('LOADED', [m for m in ('timm', 'transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
+from alignpipe.data.manifest import write_manifest
+from alignpipe.data.store import open_store
 from alignpipe.embed import embed
 from alignpipe.encoders import (
     EncoderError,
@@ -26,8 +28,6 @@ from alignpipe.encoders import (
     load_encoder,
 )
 from alignpipe.encoders.weights import installed_copy, weights_sha256
-from alignpipe.manifest import write_manifest
-from alignpipe.store import open_store
 
 FP16 = {"rtol": 2e-3, "atol": 2e-3}
 TINY_VIT = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}

@@ -9,12 +9,12 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from alignpipe.cli import app
-from alignpipe.errors import AlignpipeError
-from alignpipe.evaluate import eval_retrieval, eval_zeroshot
+from alignpipe.app.cli import app
+from alignpipe.app.results import eval_retrieval, eval_zeroshot
+from alignpipe.app.synthetic import make_synthetic, write_store
+from alignpipe.data.manifest import write_manifest
 from alignpipe.fit import fit
-from alignpipe.manifest import write_manifest
-from alignpipe.synthetic import make_synthetic, write_store
+from alignpipe.util.errors import AlignpipeError
 
 runner = CliRunner()
 

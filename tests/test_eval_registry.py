@@ -14,22 +14,21 @@ import yaml
 from typer.testing import CliRunner
 
 import alignpipe.evaluate.registry as registry
-from alignpipe.errors import AlignpipeError
+from alignpipe.app.results import eval_retrieval, run_evaluation, write_evaluation
+from alignpipe.data.pairing import stage_two_store
 from alignpipe.evaluate import (
     Evaluation,
     Table,
     compute_retrieval,
     eval_options,
-    eval_retrieval,
     evaluate,
     evaluator_spec,
     list_evaluators,
     register_evaluator,
     result_name,
 )
-from alignpipe.latents import stage_two_store
-from alignpipe.registry import Registry
-from alignpipe.results import write_evaluation
+from alignpipe.util.errors import AlignpipeError
+from alignpipe.util.registry import Registry
 
 
 @pytest.fixture
@@ -63,8 +62,8 @@ def register_rowcount(scale_default: float = 1.0) -> None:
 
 
 def small_stores(folder: Path) -> dict:
-    from alignpipe.manifest import write_manifest
-    from alignpipe.synthetic import write_store
+    from alignpipe.app.synthetic import write_store
+    from alignpipe.data.manifest import write_manifest
 
     n = 6
     manifest = write_manifest(pa.table({"id": [f"r{i}" for i in range(n)],
@@ -116,8 +115,8 @@ def test_evaluate_refuses_options_the_kind_does_not_take(tmp_path):
     stores = small_stores(tmp_path)
     with pytest.raises(AlignpipeError, match=r"eval retrieval: unknown option\(s\) "
                                              r"class_embedding"):
-        evaluate("retrieval", None, [stores["image"], stores["text"]], identity=True,
-                 class_embedding="max", output=tmp_path / "r.json")
+        run_evaluation("retrieval", None, [stores["image"], stores["text"]], identity=True,
+                       class_embedding="max", output=tmp_path / "r.json")
     with pytest.raises(AlignpipeError, match=r"needs 2 stores \(a, b\), got 1"):
         evaluate("retrieval", None, [stores["image"]], identity=True)
     assert not (tmp_path / "r.json").exists()
@@ -125,7 +124,7 @@ def test_evaluate_refuses_options_the_kind_does_not_take(tmp_path):
 
 def test_a_plugin_evaluator_runs_from_a_pipeline_with_its_options_passed_through(
         evaluators, tmp_path, monkeypatch):
-    from alignpipe.pipeline import check_plan, load_pipeline, run_pipeline
+    from alignpipe.app.pipeline.runner import check_plan, load_pipeline, run_pipeline
 
     register_rowcount()
     assert list_evaluators("row*") == ["rowcount"]
@@ -163,7 +162,7 @@ def test_a_plugin_evaluator_runs_from_a_pipeline_with_its_options_passed_through
 
 def test_the_cli_eval_commands_dispatch_through_the_registry(evaluators, tmp_path, monkeypatch):
     """`alignpipe eval retrieval` runs whatever the registry holds as retrieval."""
-    from alignpipe.cli import app
+    from alignpipe.app.cli import app
 
     stores = small_stores(tmp_path)
     real = evaluators.get("retrieval")
@@ -186,7 +185,7 @@ def test_the_cli_eval_commands_dispatch_through_the_registry(evaluators, tmp_pat
 
 def test_a_plugin_evaluator_is_an_eval_command_with_its_options(evaluators, tmp_path):
     """`alignpipe eval <kind>` exists for a registered kind with no hand-written command."""
-    from alignpipe.cli import app
+    from alignpipe.app.cli import app
 
     register_rowcount()
     stores = small_stores(tmp_path)

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import alignpipe.fit.loop as loop_module
-from alignpipe.cli import app
-from alignpipe.errors import AlignpipeError
+from alignpipe.app.cli import app
+from alignpipe.app.synthetic import make_synthetic
 from alignpipe.fit import fit, resolve_config, run_is_complete, run_state
-from alignpipe.synthetic import make_synthetic
+from alignpipe.util.errors import AlignpipeError
 
 runner = CliRunner()
 TINY = {"blocks": 1, "expansion": 2, "out_dim": 16, "batch_size": 64, "epochs": 2,
@@ -199,7 +199,7 @@ QUALITY = {
 
 def test_every_method_beats_chance_on_held_out_retrieval(tmp_path):
     """On the synthetic benchmark (200 test items: chance R@1 0.5%, R@5 2.5%)."""
-    from alignpipe.evaluate import eval_retrieval
+    from alignpipe.app.results import eval_retrieval
 
     data = make_synthetic(tmp_path / "q", train=800, val=100, test=200, dim_a=48, dim_b=32,
                           hidden=12, private=6, noise=0.3)

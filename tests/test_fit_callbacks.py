@@ -11,12 +11,12 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+import alignpipe.app.render as render_module
 import alignpipe.fit.loop as loop_module
-import alignpipe.render as render_module
-from alignpipe.cli import app
+from alignpipe.app.cli import app
+from alignpipe.app.render import CurvesPNG
+from alignpipe.app.synthetic import make_synthetic
 from alignpipe.fit import FitCallback, fit, read_metrics
-from alignpipe.render import CurvesPNG
-from alignpipe.synthetic import make_synthetic
 
 runner = CliRunner()
 LINEAR = {"out_dim": 8, "batch_size": 32, "epochs": 4, "warmup_steps": 2}

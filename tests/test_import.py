@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from alignpipe import open_store, read_manifest
-from alignpipe.errors import ImportDataError
-from alignpipe.importer import import_latents
+from alignpipe.data.importer import import_latents
+from alignpipe.util.errors import ImportDataError
 
 
 @pytest.fixture()

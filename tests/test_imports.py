@@ -212,14 +212,62 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
-def test_the_data_layer_does_not_import_stage_two_or_the_app():
-    """Manifests, stores and the latents/pairs view sit below methods, fit, reports and CLI."""
+#: The app: what sits on top of the core's public API. Everything else under alignpipe is core.
+APP = ("alignpipe.app", "alignpipe.__main__")
+
+
+def _inside(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def test_the_core_never_imports_the_app():
     graph = import_graph()
-    above = ("alignpipe.methods", "alignpipe.fit", "alignpipe.evaluate", "alignpipe.report",
-             "alignpipe.pipeline", "alignpipe.pipeline_report", "alignpipe.cli",
-             "alignpipe.benchmarks")
-    for module in ("alignpipe", "alignpipe.manifest", "alignpipe.store", "alignpipe.latents",
-                   "alignpipe.pairs"):
-        reached = sorted(m for m in _reachable(graph, module)
-                         if any(m == a or m.startswith(a + ".") for a in above))
+    assert any(_inside(m, APP) for m in graph), "the app package is missing"
+    offenders = {m: sorted(d for d in deps if _inside(d, APP))
+                 for m, deps in graph.items() if not _inside(m, APP)}
+    offenders = {m: deps for m, deps in offenders.items() if deps}
+    assert not offenders, "core modules importing the app:\n" + "\n".join(
+        f"{m} -> {', '.join(deps)}" for m, deps in sorted(offenders.items()))
+
+
+def test_the_core_check_sees_a_planted_app_import(tmp_path):
+    pkg = tmp_path / "alignpipe"
+    (pkg / "app").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "app" / "__init__.py").write_text("")
+    (pkg / "app" / "cli.py").write_text("from alignpipe import store\n")
+    (pkg / "store.py").write_text("def f():\n    from alignpipe.app.cli import x\n")
+    graph = import_graph(pkg)
+    assert graph["alignpipe.store"] == {"alignpipe.app.cli"}
+    assert [m for m in graph if not _inside(m, APP) and any(_inside(d, APP) for d in graph[m])] \
+        == ["alignpipe.store"]
+
+
+def test_the_data_layer_does_not_import_stage_two_or_the_app():
+    """Plumbing, manifests, stores and the stage-two pairing view sit below encoders, methods,
+    fit, evaluation and the app."""
+    graph = import_graph()
+    above = ("alignpipe.encoders", "alignpipe.embed", "alignpipe.methods", "alignpipe.fit",
+             "alignpipe.evaluate", *APP)
+    below = [m for m in graph if _inside(m, ("alignpipe.util", "alignpipe.data"))]
+    assert "alignpipe.data.store" in below and "alignpipe.util.fsutil" in below
+    for module in below:
+        reached = sorted(m for m in _reachable(graph, module) if _inside(m, above))
         assert not reached, f"{module} imports {reached}"
+
+
+def test_util_imports_nothing_above_it():
+    graph = import_graph()
+    for module in (m for m in graph if _inside(m, ("alignpipe.util",))):
+        assert all(_inside(d, ("alignpipe.util",)) for d in _reachable(graph, module)), module
+
+
+def test_every_public_name_of_alignpipe_resolves_without_the_app():
+    code = (
+        "import sys, alignpipe\n"
+        "for name in alignpipe.__all__: getattr(alignpipe, name)\n"
+        "print(','.join(m for m in ('typer', 'rich', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT.parent)
+    assert out.stdout.strip() == "", f"the public API loaded: {out.stdout.strip()}"

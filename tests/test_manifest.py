@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alignpipe.errors import ManifestError
-from alignpipe.manifest import read_manifest
+from alignpipe.data.manifest import read_manifest
+from alignpipe.util.errors import ManifestError
 
 
 def write(path: Path, columns: dict) -> Path:

@@ -20,13 +20,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 import alignpipe.fit.loop as loop_module
-from alignpipe.errors import AlignpipeError
+from alignpipe.app.synthetic import make_synthetic
 from alignpipe.fit import fit, resolve_config
 from alignpipe.methods import create_method, list_losses, register_loss, register_method
 from alignpipe.methods.losses import LOSSES, Temperature, build_loss, symmetric_infonce
 from alignpipe.methods.registry import METHODS
-from alignpipe.registry import Registry
-from alignpipe.synthetic import make_synthetic
+from alignpipe.util.errors import AlignpipeError
+from alignpipe.util.registry import Registry
 
 TOY_LOSS, TOY_METHOD = "test-scaled-cosine", "test-protocol"
 TINY = {"epochs": 2, "batch_size": 32, "warmup_steps": 2}

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignpipe.errors import AlignpipeError
 from alignpipe.fit import resolve_config
 from alignpipe.methods import create_method, is_registered, list_methods, method_spec
 from alignpipe.methods.asif import relative_topk
@@ -16,6 +15,7 @@ from alignpipe.methods.fusemix import FuseMix
 from alignpipe.methods.heads import ResidualBlock, matmul_flops_per_row, mlp_head
 from alignpipe.methods.losses import Temperature, symmetric_infonce
 from alignpipe.methods.space import SparseRows, group_mean, pairwise_scores
+from alignpipe.util.errors import AlignpipeError
 
 
 def build(name: str, dim_a: int = 12, dim_b: int = 8, **overrides):

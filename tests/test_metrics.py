@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignpipe.metrics import (
+from alignpipe.evaluate.metrics import (
     Links,
     chunked_ranks,
     class_ranks,

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import alignpipe
-from alignpipe import constants, devices, errors, latents, manifest, media, store
-from alignpipe.builders import _common
+from alignpipe.data import manifest, media, store
+from alignpipe.data import pairing as latents
+from alignpipe.data.builders import _common
 from alignpipe.encoders import base as encoder_base
 from alignpipe.encoders import registry
+from alignpipe.util import constants, devices, errors
 
 PACKAGE = Path(alignpipe.__file__).parent
 

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from alignpipe.cli import app
-from alignpipe.pipeline import PipelineError, check_plan, load_pipeline, run_pipeline
+from alignpipe.app.cli import app
+from alignpipe.app.pipeline.runner import PipelineError, check_plan, load_pipeline, run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = sorted((REPO / "pipelines").glob("*.yaml"))
@@ -162,8 +162,8 @@ def test_changed_fit_spec_replaces_the_run_and_a_killed_fit_resumes(toy_run, mon
 
 
 def test_unknown_make_option_is_named_and_builder_bugs_are_not_masked(tmp_path):
-    from alignpipe.errors import AlignpipeError
-    from alignpipe.planning import make_manifest
+    from alignpipe.app.pipeline.planning import make_manifest
+    from alignpipe.util.errors import AlignpipeError
 
     step = {"manifest": str(tmp_path / "p.parquet"),
             "make": {"kind": "prompts", "classes": "imagenet", "tempaltes": "clip80"}}

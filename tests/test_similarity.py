@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from alignpipe.cli import app
-from alignpipe.errors import AlignpipeError
-from alignpipe.similarity import linear_cka, mutual_knn, similarity
-from alignpipe.synthetic import make_synthetic
+from alignpipe.app.cli import app
+from alignpipe.app.results import similarity_to
+from alignpipe.app.synthetic import make_synthetic
+from alignpipe.evaluate.similarity import linear_cka, mutual_knn, similarity
+from alignpipe.util.errors import AlignpipeError
 
 runner = CliRunner()
 
@@ -75,7 +76,7 @@ def data(tmp_path_factory):
 
 def test_similarity_outputs(data, tmp_path):
     out = tmp_path / "sim.json"
-    result = similarity([data.store_a, data.store_b, data.store_a], sample=100, k=5, output=out)
+    result = similarity_to(out, [data.store_a, data.store_b, data.store_a], sample=100, k=5)
     assert json.loads(out.read_text()) == result
     assert out.with_suffix(".png").exists()
     cka, knn = np.array(result["linear_cka"]), np.array(result["mutual_knn"])

@@ -8,11 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from alignpipe.evaluate import eval_retrieval
+from alignpipe.app.results import eval_retrieval
+from alignpipe.data.manifest import read_manifest
+from alignpipe.data.store import create_store
 from alignpipe.fit import fit
-from alignpipe.manifest import read_manifest
 from alignpipe.methods import heads
-from alignpipe.store import create_store
 
 
 def test_statistics_match_numpy_across_chunks(monkeypatch):

@@ -10,9 +10,9 @@ import pytest
 import zarr
 
 from alignpipe import open_store
-from alignpipe.errors import StoreError
-from alignpipe.manifest import read_manifest
-from alignpipe.store import chunk_rows_for, create_store, store_path
+from alignpipe.data.manifest import read_manifest
+from alignpipe.data.store import chunk_rows_for, create_store, store_path
+from alignpipe.util.errors import StoreError
 
 SPEC = {"name": "test", "backend": "unit-test", "model_id": None, "pooling": "cls"}
 

@@ -9,7 +9,7 @@ import soundfile as sf
 from PIL import Image
 
 from alignpipe import read_manifest
-from alignpipe.toy import COLOURS, SHAPES, folder_digest, make_toy
+from alignpipe.app.toy import COLOURS, SHAPES, folder_digest, make_toy
 
 TOY = Path(__file__).resolve().parents[1] / "data_manifests" / "toy"  # the checked-in copy
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from alignpipe.cli import app
+from alignpipe.app.cli import app
+from alignpipe.data.store import lock_store, open_store, store_path
 from alignpipe.embed import EmbedError, embed, embed_status
-from alignpipe.errors import StoreError
-from alignpipe.fsutil import LockedError
-from alignpipe.store import lock_store, open_store, store_path
+from alignpipe.util.errors import StoreError
+from alignpipe.util.fsutil import LockedError
 
 _EARLIER: set[threading.Thread] = set()
 
@@ -80,7 +80,7 @@ def test_a_consumer_that_raises_leaves_no_thread_or_worker_behind(toy_dir, tmp_p
 
 
 def test_a_decoder_that_returns_after_its_timeout_keeps_the_timeout():
-    from alignpipe.embed.pool import DecodePool
+    from alignpipe.embed.decode_threads import DecodePool
 
     def slow(value):
         time.sleep(0.6)
@@ -98,7 +98,7 @@ def test_a_decoder_that_returns_after_its_timeout_keeps_the_timeout():
 
 
 def test_a_hung_workers_late_result_does_not_undo_its_timeout():
-    from alignpipe.embed.procpool import ProcessPool
+    from alignpipe.embed.decode_processes import ProcessPool
 
     pool = ProcessPool(lambda value: torch.zeros(2), lambda items: {"x": torch.stack(items)},
                        workers=1, timeout=30)
@@ -138,7 +138,7 @@ def test_one_decode_pool_serves_every_task_of_a_process(toy_dir, tmp_path, monke
                     batch_size=16, workers=2)
     made.clear()
     unmark(summary.path, [1, 2, 3])
-    from alignpipe.manifest import file_sha256
+    from alignpipe.data.manifest import file_sha256
 
     job = Job(manifest=str(manifest), manifest_sha256=file_sha256(manifest),
               store=str(summary.path), encoder="test-vit", column="image", modality="image",
@@ -157,7 +157,7 @@ def test_one_decode_pool_serves_every_task_of_a_process(toy_dir, tmp_path, monke
 # ---- 17: full disk -------------------------------------------------------------------------------
 def test_a_full_disk_is_one_line_and_the_same_command_then_finishes(toy_copy, tmp_path,
                                                                      monkeypatch):
-    import alignpipe.store as store_module
+    import alignpipe.data.store as store_module
 
     (toy_copy / "images" / "000" / "000003.jpg").write_bytes(b"not a jpeg")  # a failure too
     manifest = toy_copy / "toy.parquet"
@@ -187,7 +187,7 @@ def test_a_full_disk_is_one_line_and_the_same_command_then_finishes(toy_copy, tm
 
 
 def test_a_full_dev_shm_is_one_line_not_a_hang(toy_dir, tmp_path, monkeypatch):
-    from alignpipe.fsutil import DiskError
+    from alignpipe.util.fsutil import DiskError
 
     def full(self):
         raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2_0>: "
@@ -261,7 +261,7 @@ def test_a_column_of_another_modality_is_refused(toy_dir, tmp_path, encoder, col
 def test_a_text_encoder_reads_other_text_columns(tmp_path):
     import pyarrow as pa
 
-    from alignpipe.manifest import write_manifest
+    from alignpipe.data.manifest import write_manifest
 
     manifest = write_manifest(pa.table({"id": ["a", "b"], "text": ["a cat", "a dog"],
                                         "label": ["cat", "dog"]}), tmp_path / "m.parquet")

@@ -18,16 +18,17 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from alignpipe import devices, latents
-from alignpipe.cli import app
-from alignpipe.devices import DeviceError
+from alignpipe.app.cli import app
+from alignpipe.data import pairing as latents
+from alignpipe.data.manifest import write_manifest
+from alignpipe.data.media import MediaRef
+from alignpipe.data.store import open_store
 from alignpipe.embed import embed
 from alignpipe.encoders import EncoderError, get_encoder_spec, hub, load_encoder
 from alignpipe.encoders import base as encoder_base
 from alignpipe.encoders.registry import with_overrides
-from alignpipe.manifest import write_manifest
-from alignpipe.media import MediaRef
-from alignpipe.store import open_store
+from alignpipe.util import devices
+from alignpipe.util.devices import DeviceError
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 # facebook/dinov2-*'s preprocessor_config.json on the hub, as freeze-align loads it

@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from alignpipe.metrics import (
+from alignpipe.evaluate.metrics import (
     Links,
     chunked_ranks,
     class_ranks,
@@ -98,8 +98,8 @@ def test_nan_encodings_score_zero_and_are_counted():
 # ---- eval fixtures ------------------------------------------------------------------------------
 def stores_from(folder, columns: dict, latents: dict, names: dict | None = None) -> dict:
     """A manifest with `columns` and one store per modality in `latents`."""
-    from alignpipe.manifest import write_manifest
-    from alignpipe.synthetic import write_store
+    from alignpipe.app.synthetic import write_store
+    from alignpipe.data.manifest import write_manifest
 
     folder.mkdir(parents=True, exist_ok=True)
     manifest = write_manifest(pa.table(columns), folder / "m.parquet")
@@ -122,7 +122,7 @@ def classify(folder, queries, query_cols: dict, prompts, prompt_cols: dict):
 
 # ---- item 3: classes keyed by class_id ----------------------------------------------------------
 def test_two_classes_of_one_name_stay_apart_by_class_id(tmp_path):
-    from alignpipe.evaluate import eval_zeroshot
+    from alignpipe.app.results import eval_zeroshot
 
     u, v, w = np.eye(3)
     queries = {"label": ["missile", "missile", "tank"], "class_id": ["n1", "n2", "n3"]}
@@ -145,8 +145,8 @@ def test_two_classes_of_one_name_stay_apart_by_class_id(tmp_path):
 
 
 def test_imagenet_builders_write_the_wnid_as_class_id(tmp_path):
-    from alignpipe.builders import build_imagenet, build_prompts
-    from alignpipe.manifest import read_manifest
+    from alignpipe.data.builders import build_imagenet, build_prompts
+    from alignpipe.data.manifest import read_manifest
 
     missiles = ("n03773504", "n04008634")
     for i, wnid in enumerate(missiles):
@@ -164,10 +164,10 @@ def test_imagenet_builders_write_the_wnid_as_class_id(tmp_path):
 
 # ---- item 7: no split column, no test rows ------------------------------------------------------
 def test_split_test_without_a_split_column_is_refused(tmp_path):
-    from alignpipe.errors import AlignpipeError
-    from alignpipe.evaluate import eval_retrieval
+    from alignpipe.app.results import eval_retrieval
+    from alignpipe.app.synthetic import make_synthetic
     from alignpipe.fit import fit
-    from alignpipe.synthetic import make_synthetic
+    from alignpipe.util.errors import AlignpipeError
 
     data = make_synthetic(tmp_path / "d", train=40, val=10, test=10, dim_a=8, dim_b=8,
                           hidden=4, private=2, split_column=False)
@@ -193,7 +193,7 @@ def test_split_test_without_a_split_column_is_refused(tmp_path):
 
 
 def _app():
-    from alignpipe.cli import app
+    from alignpipe.app.cli import app
 
     return app
 
@@ -201,14 +201,15 @@ def _app():
 # ---- items 1, 9, 24: what a result says about itself, and where it goes -------------------------
 def test_nan_encodings_in_an_eval_score_zero_and_are_reported(tmp_path, monkeypatch):
     import alignpipe.evaluate.retrieval as evaluate
+    from alignpipe.app.results import eval_retrieval
 
     n = 6
     stores = stores_from(tmp_path, {"id": [f"r{i}" for i in range(n)],
                                     "image": [f"i{i}" for i in range(n)],
                                     "text": [f"t{i}" for i in range(n)], "split": ["test"] * n},
                          {"image": np.eye(n), "text": np.eye(n)})
-    clean = evaluate.eval_retrieval(None, stores["image"], stores["text"], identity=True,
-                                    output=tmp_path / "clean.json")
+    clean = eval_retrieval(None, stores["image"], stores["text"], identity=True,
+                           output=tmp_path / "clean.json")
     assert clean["mean_recall"] == 100.0 and clean["nonfinite_rows"] == {"image": 0, "text": 0}
     encode = evaluate._encode_rows
 
@@ -217,8 +218,8 @@ def test_nan_encodings_in_an_eval_score_zero_and_are_reported(tmp_path, monkeypa
         return torch.full_like(out, NAN) if store.modality == "image" else out
 
     monkeypatch.setattr(evaluate, "_encode_rows", diverged)
-    result = evaluate.eval_retrieval(None, stores["image"], stores["text"], identity=True,
-                                     output=tmp_path / "nan.json")
+    result = eval_retrieval(None, stores["image"], stores["text"], identity=True,
+                            output=tmp_path / "nan.json")
     assert result["image_to_text"] == {"R@1": 0.0, "R@5": 0.0, "R@10": 100.0}  # 6 candidates
     assert result["text_to_image"]["R@1"] == 0.0 and result["mean_recall"] < 34
     assert result["nonfinite_rows"] == {"image": n, "text": 0}
@@ -228,8 +229,8 @@ def test_nan_encodings_in_an_eval_score_zero_and_are_reported(tmp_path, monkeypa
 
 @pytest.fixture(scope="module")
 def linear_run(tmp_path_factory):
+    from alignpipe.app.synthetic import make_synthetic
     from alignpipe.fit import fit
-    from alignpipe.synthetic import make_synthetic
 
     root = tmp_path_factory.mktemp("trust-eval")
     data = make_synthetic(root / "d", train=60, val=10, test=12, dim_a=8, dim_b=6, hidden=4,
@@ -241,8 +242,8 @@ def linear_run(tmp_path_factory):
 
 
 def test_results_record_the_heads_they_scored(linear_run):
-    from alignpipe.evaluate import eval_retrieval
-    from alignpipe.manifest import file_sha256
+    from alignpipe.app.results import eval_retrieval
+    from alignpipe.data.manifest import file_sha256
 
     data, run = linear_run
     result = eval_retrieval(run, data.store_a, data.store_b)
@@ -255,8 +256,8 @@ def test_results_record_the_heads_they_scored(linear_run):
 
 
 def test_results_are_named_by_what_produced_them(linear_run, tmp_path, monkeypatch):
-    from alignpipe.errors import AlignpipeError
-    from alignpipe.evaluate import eval_retrieval, eval_zeroshot
+    from alignpipe.app.results import eval_retrieval, eval_zeroshot
+    from alignpipe.util.errors import AlignpipeError
 
     data, run = linear_run
     mean = eval_zeroshot(run, data.store_a, data.prompts_store)

@@ -19,15 +19,15 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import alignpipe.fit.loop as loop_module
-from alignpipe.cli import app
-from alignpipe.errors import AlignpipeError
+from alignpipe.app.cli import app
+from alignpipe.app.synthetic import make_synthetic
 from alignpipe.fit import fit, load_run, read_metrics, resolve_config
 from alignpipe.fit.runfolder import read_tensor_metadata, run_lock, save_tensors
-from alignpipe.fsutil import LockedError
 from alignpipe.methods import create_method
 from alignpipe.methods.contrastive import HeadsMethod
 from alignpipe.methods.losses import symmetric_infonce
-from alignpipe.synthetic import make_synthetic
+from alignpipe.util.errors import AlignpipeError
+from alignpipe.util.fsutil import LockedError
 
 runner = CliRunner()
 LINEAR = {"out_dim": 8, "batch_size": 32, "epochs": 3, "warmup_steps": 2}
@@ -274,7 +274,7 @@ def test_item8_training_loss_under_autocast_uses_fp32_logits():
 
 # ---- item 9: --overwrite leaves no stale results -------------------------------------------------
 def test_item9_overwrite_clears_eval_results(data, tmp_path):
-    from alignpipe.evaluate import eval_retrieval
+    from alignpipe.app.results import eval_retrieval
 
     out = tmp_path / "r"
     fit(data.store_a, data.store_b, method="linear", out=out, progress=False, overrides=LINEAR)
@@ -290,7 +290,7 @@ def test_item9_overwrite_clears_eval_results(data, tmp_path):
 
 
 def test_item9_overwrite_clears_eval_results_under_any_name(data, tmp_path):
-    from alignpipe.evaluate import eval_retrieval
+    from alignpipe.app.results import eval_retrieval
 
     out = tmp_path / "r"
     fit(data.store_a, data.store_b, method="linear", out=out, progress=False, overrides=LINEAR)
@@ -484,7 +484,7 @@ def test_item17_a_full_disk_mid_fit_is_one_line_naming_the_file_and_resume_finis
 
     import alignpipe.fit.runfolder as runfolder_module
     from alignpipe.fit.runfolder import RunLog
-    from alignpipe.fsutil import DiskError
+    from alignpipe.util.fsutil import DiskError
 
     out, ref = tmp_path / "r", tmp_path / "ref"
     fit(data.store_a, data.store_b, method="linear", out=ref, progress=False, overrides=LINEAR)

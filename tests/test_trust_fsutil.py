@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from alignpipe import fsutil
-from alignpipe.cli import app
-from alignpipe.fsutil import (
+from alignpipe.app.cli import app
+from alignpipe.util import fsutil
+from alignpipe.util.fsutil import (
     DiskError,
     LockedError,
     atomic_path,
@@ -100,7 +100,7 @@ def test_a_second_live_writer_is_refused(tmp_path):
     lock = tmp_path / "store.lock"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from alignpipe.fsutil import exclusive_lock\n"
+         "import sys, time; from alignpipe.util.fsutil import exclusive_lock\n"
          f"with exclusive_lock({str(lock)!r}, 'x'):\n"
          "    print('held', flush=True); time.sleep(30)"],
         stdout=subprocess.PIPE, text=True)

@@ -21,16 +21,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import alignpipe.latents as latents
-from alignpipe.cli import app
+import alignpipe.data.pairing as latents
+from alignpipe.app.cli import app
+from alignpipe.app.results import eval_zeroshot
+from alignpipe.app.synthetic import make_synthetic
+from alignpipe.data.manifest import write_manifest
+from alignpipe.data.store import create_store, open_store
 from alignpipe.embed import embed
-from alignpipe.errors import StoreError
-from alignpipe.evaluate import eval_zeroshot
+from alignpipe.evaluate.similarity import similarity
 from alignpipe.fit import fit
-from alignpipe.manifest import write_manifest
-from alignpipe.similarity import similarity
-from alignpipe.store import create_store, open_store
-from alignpipe.synthetic import make_synthetic
+from alignpipe.util.errors import StoreError
 
 runner = CliRunner()
 TOY = Path(__file__).resolve().parents[1] / "data_manifests" / "toy"
@@ -134,7 +134,7 @@ def two_stores(folder, rows: int = 300, unit_rows: int = 50, dim: int = 8) -> tu
         "id": [f"r{i}" for i in range(rows)], "image": [f"img/{i}.png" for i in range(rows)],
         "text": [f"caption {i}" for i in range(rows)], "split": split.tolist()}),
         folder / "m.parquet")
-    from alignpipe.manifest import read_manifest
+    from alignpipe.data.manifest import read_manifest
 
     read = read_manifest(manifest)
     shared = rng.standard_normal((rows, dim)).astype(np.float32)
@@ -282,8 +282,8 @@ def test_read_rows_holds_about_the_selected_rows_not_the_store(tmp_path, monkeyp
 PEAK_RSS = """
 import resource, sys
 import numpy as np
-from alignpipe.latents import read_rows
-from alignpipe.store import open_store
+from alignpipe.data.pairing import read_rows
+from alignpipe.data.store import open_store
 store = open_store(sys.argv[1])
 rows = np.sort(np.random.default_rng(0).permutation(store.rows)[:2 * store.rows // 3])
 store.read_valid()

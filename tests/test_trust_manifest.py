@@ -15,11 +15,22 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from alignpipe.builders import SplitPlan, build_audiocaps, build_cc3m, build_folder, build_split
-from alignpipe.builders._common import assign_splits, item_groups, parse_fractions, split_counts
-from alignpipe.cli import app
-from alignpipe.errors import ManifestError
-from alignpipe.manifest import is_blank_text, read_manifest
+from alignpipe.app.cli import app
+from alignpipe.data.builders import (
+    SplitPlan,
+    build_audiocaps,
+    build_cc3m,
+    build_folder,
+    build_split,
+)
+from alignpipe.data.builders._common import (
+    assign_splits,
+    item_groups,
+    parse_fractions,
+    split_counts,
+)
+from alignpipe.data.manifest import is_blank_text, read_manifest
+from alignpipe.util.errors import ManifestError
 
 NULL_WORDS = ["NA", "null", "nan", "N/A", "NULL", "#N/A"]
 
@@ -146,8 +157,8 @@ BLANK = ["", " \t\n", "\x00", "\x00\x00", "\u200b", "\ufeff", "\u200b\u200c\u200
 
 @pytest.mark.parametrize("value", BLANK)
 def test_blank_text_is_empty(value):
+    from alignpipe.data.media import MediaError
     from alignpipe.encoders.text import HFTextEncoder
-    from alignpipe.media import MediaError
 
     assert is_blank_text(value)
     with pytest.raises(MediaError, match="empty text"):
@@ -332,7 +343,7 @@ def test_a_full_disk_making_the_toy_data_names_the_file_and_a_rerun_makes_it(tmp
 
     from PIL import Image
 
-    from alignpipe.toy import folder_digest, make_toy
+    from alignpipe.app.toy import folder_digest, make_toy
 
     def full(*args, **kwargs):  # as PIL raises it: no file name in the error
         raise OSError(errno.ENOSPC, "No space left on device")

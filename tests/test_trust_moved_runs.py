@@ -15,12 +15,12 @@ import yaml
 from typer.testing import CliRunner
 
 import alignpipe.fit.loop as loop_module
-from alignpipe.cli import app
+from alignpipe.app.cli import app
+from alignpipe.data.manifest import write_manifest
 from alignpipe.embed import embed
-from alignpipe.errors import StoreError
 from alignpipe.fit import fit, load_run, read_metrics, run_state
 from alignpipe.fit.runfolder import run_lock
-from alignpipe.manifest import write_manifest
+from alignpipe.util.errors import StoreError
 
 runner = CliRunner()
 TOY = Path(__file__).resolve().parents[1] / "data_manifests" / "toy"

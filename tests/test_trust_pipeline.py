@@ -11,11 +11,17 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from alignpipe.cli import app
-from alignpipe.errors import AlignpipeError
-from alignpipe.names import plain_name
-from alignpipe.pipeline import PipelineError, check_plan, fit_runs, load_pipeline, run_pipeline
-from alignpipe.yamlsafe import YamlInputError, load_yaml
+from alignpipe.app.cli import app
+from alignpipe.app.pipeline.runner import (
+    PipelineError,
+    check_plan,
+    fit_runs,
+    load_pipeline,
+    run_pipeline,
+)
+from alignpipe.util.errors import AlignpipeError
+from alignpipe.util.names import plain_name
+from alignpipe.util.yamlsafe import YamlInputError, load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "pipelines" / "toy.yaml"
@@ -284,7 +290,7 @@ def test_replacing_a_run_by_another_method_says_so(tiny_run, tmp_path, monkeypat
 
 
 def test_the_report_shows_this_runs_plots_not_every_png_in_the_folder(tiny_run, monkeypatch):
-    from alignpipe.pipeline_report import write_report
+    from alignpipe.app.pipeline.report import write_report
 
     work, path, result = tiny_run
     monkeypatch.chdir(work)

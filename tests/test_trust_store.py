@@ -16,19 +16,19 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from alignpipe import storefiles
-from alignpipe.cli import app
-from alignpipe.errors import StoreError
-from alignpipe.fsutil import LockedError
-from alignpipe.importer import import_latents
-from alignpipe.manifest import read_manifest
-from alignpipe.store import (
+from alignpipe.app.cli import app
+from alignpipe.data import storefiles
+from alignpipe.data.importer import import_latents
+from alignpipe.data.manifest import read_manifest
+from alignpipe.data.store import (
     TARGET_CHUNK_BYTES,
     create_store,
     lock_store,
     open_store,
     shard_layout,
 )
+from alignpipe.util.errors import StoreError
+from alignpipe.util.fsutil import LockedError
 
 SPEC = {"name": "test", "backend": "unit-test", "model_id": None, "pooling": "cls"}
 OVERFLOW = "latent exceeds float16 range; use --latent-dtype float32"

@@ -5,8 +5,10 @@
 >>> summary.line()
 
 Modules: `api` (embed, embed_status, identity checks), `runner` (store creation, the job that
-processes run), `engine` (one process: decode threads, batches, device, writer), `pool` (decode
-threads with deadlines), `cluster` (work units as dask tasks).
+processes run), `engine` (one process: decoding, batches, device, writer), `plan` (a unit's
+items), `decoders` (a unit's batches from either pool), `decode_processes` (forked decode
+workers with per-item deadlines), `decode_threads` (decode threads with deadlines), `cluster`
+(work units as dask tasks).
 """
 
 from alignpipe.embed.api import (

@@ -16,6 +16,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from alignpipe.data.manifest import FILE_COLUMNS, MEDIA_COLUMNS, Manifest, read_manifest
+from alignpipe.data.store import (
+    LATENT_DTYPES,
+    LatentStore,
+    is_store,
+    lock_store,
+    open_store,
+    store_path,
+)
 from alignpipe.embed.engine import DECODE_TIMEOUT_S
 from alignpipe.encoders import (
     EncoderSpec,
@@ -24,17 +33,8 @@ from alignpipe.encoders import (
     resolve_spec,
     resolve_weights,
 )
-from alignpipe.errors import AlignpipeError, StoreError
-from alignpipe.manifest import FILE_COLUMNS, MEDIA_COLUMNS, Manifest, read_manifest
-from alignpipe.names import plain_name_problem
-from alignpipe.store import (
-    LATENT_DTYPES,
-    LatentStore,
-    is_store,
-    lock_store,
-    open_store,
-    store_path,
-)
+from alignpipe.util.errors import AlignpipeError, StoreError
+from alignpipe.util.names import plain_name_problem
 
 CPU_BATCH_CAP = 32
 

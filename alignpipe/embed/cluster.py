@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from alignpipe.data.store import LatentStore
 from alignpipe.embed.engine import UnitStats
 from alignpipe.embed.runner import (
     Job,
@@ -28,8 +29,7 @@ from alignpipe.embed.runner import (
     progress_bar,
     run_units,
 )
-from alignpipe.errors import AlignpipeError
-from alignpipe.store import LatentStore
+from alignpipe.util.errors import AlignpipeError
 
 TASK_RETRIES = 2
 

@@ -23,11 +23,11 @@ from itertools import islice
 
 import numpy as np
 
+from alignpipe.data.media import MediaError
+from alignpipe.embed.decode_processes import ProcessPool, fork_available
+from alignpipe.embed.decode_threads import DecodePool, Outcome, Stopped
 from alignpipe.embed.plan import Batch, UnitPlan
-from alignpipe.embed.pool import DecodePool, Outcome, Stopped
-from alignpipe.embed.procpool import ProcessPool, fork_available
 from alignpipe.encoders import Encoder
-from alignpipe.media import MediaError
 
 DECODER_ENV = "ALIGNPIPE_DECODER"  # "threads" or "processes": force one (tests, debugging)
 

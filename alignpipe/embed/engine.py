@@ -24,14 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from alignpipe.data.manifest import Manifest
+from alignpipe.data.store import LatentStore
+from alignpipe.embed.decode_threads import Stopped
 from alignpipe.embed.decoders import make_decoder
 from alignpipe.embed.plan import Batch, UnitPlan, plan_unit, unit_result
-from alignpipe.embed.pool import Stopped
 from alignpipe.encoders import Encoder
 from alignpipe.encoders.base import autocast
-from alignpipe.fsutil import os_errors
-from alignpipe.manifest import Manifest
-from alignpipe.store import LatentStore
+from alignpipe.util.fsutil import os_errors
 
 DECODE_TIMEOUT_S = float(os.environ.get("ALIGNPIPE_DECODE_TIMEOUT", "120"))
 # Test hook: sleep this long after each batch, so a test can kill a run mid-way.

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from alignpipe.manifest import Manifest, is_blank_text
-from alignpipe.media import resolve_ref
+from alignpipe.data.manifest import Manifest, is_blank_text
+from alignpipe.data.media import resolve_ref
 
 
 @dataclass

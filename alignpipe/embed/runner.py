@@ -12,15 +12,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from alignpipe.data.manifest import Manifest, read_manifest
+from alignpipe.data.store import LatentStore, create_store, open_store
 from alignpipe.embed.decoders import close_pools
 from alignpipe.embed.engine import UnitRunner, UnitStats
 from alignpipe.encoders import Encoder, load_encoder
 from alignpipe.encoders.base import resolve_device, resolve_dtype
-from alignpipe.errors import StoreError
-from alignpipe.fsutil import os_errors
-from alignpipe.manifest import Manifest, read_manifest
-from alignpipe.progress import progress_bar as rich_progress
-from alignpipe.store import LatentStore, create_store, open_store
+from alignpipe.util.errors import StoreError
+from alignpipe.util.fsutil import os_errors
+from alignpipe.util.progress import progress_bar as rich_progress
 
 
 @dataclass(frozen=True)

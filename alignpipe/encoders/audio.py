@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from alignpipe.data.media import MediaRef, centre_crop, load_audio
 from alignpipe.encoders.base import check_pooling, freeze, masked_mean
 from alignpipe.encoders.hf import load_hf_model, processor_source
 from alignpipe.encoders.registry import EncoderError, EncoderSpec, get_adapter, register_adapter
 from alignpipe.encoders.weights import WeightsSource
-from alignpipe.media import MediaRef, centre_crop, load_audio
 
 
 def _feature_extractor(spec: EncoderSpec, source: WeightsSource, cls=None):

@@ -16,9 +16,9 @@ from typing import Any, Protocol
 import torch
 from safetensors import SafetensorError
 
-from alignpipe.devices import resolve_device  # noqa: F401  (one device check for all)
 from alignpipe.encoders.registry import EncoderError, EncoderSpec
 from alignpipe.encoders.weights import RANDOM_SEED, WeightsSource
+from alignpipe.util.devices import resolve_device  # noqa: F401  (one device check for all)
 
 # The compute dtypes an encoder may run in (a store's own dtypes are constants.LATENT_DTYPES).
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -22,9 +22,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from alignpipe.constants import MODALITIES
-from alignpipe.errors import AlignpipeError
-from alignpipe.registry import Registry
+from alignpipe.util.constants import MODALITIES
+from alignpipe.util.errors import AlignpipeError
+from alignpipe.util.registry import Registry
 
 # DINOv2's linear-eval transform (and the facebook/dinov2-* HF processors): resize the shorter
 # side to 256, centre-crop 224. timm's pretrained config says crop_pct 1.0 (resize 224).

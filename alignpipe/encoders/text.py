@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
+from alignpipe.data.manifest import is_blank_text
+from alignpipe.data.media import MediaError
 from alignpipe.encoders.base import check_pooling, freeze, masked_mean
 from alignpipe.encoders.hf import load_hf_model, processor_source
 from alignpipe.encoders.registry import EncoderError, EncoderSpec, get_adapter, register_adapter
 from alignpipe.encoders.weights import WeightsSource
-from alignpipe.manifest import is_blank_text
-from alignpipe.media import MediaError
 
 
 def _sentence_max_length(where: str | Path) -> int | None:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from alignpipe.data.media import MediaRef, open_image
 from alignpipe.encoders.base import (
     LOAD_ERRORS,
     PixelNormalizer,
@@ -30,7 +31,6 @@ from alignpipe.encoders.hub import hub_problem
 from alignpipe.encoders.pixels import ImagePrep, from_processor, from_timm
 from alignpipe.encoders.registry import EncoderError, EncoderSpec, get_adapter, register_adapter
 from alignpipe.encoders.weights import WeightsSource, weight_files
-from alignpipe.media import MediaRef, open_image
 
 TIMM_DIR_FILES = ("model.safetensors", "pytorch_model.bin")
 # transformers vision configs (model_type) that run as a plain tower: CLS/mean token pooling

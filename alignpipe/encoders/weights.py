@@ -14,8 +14,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignpipe.data.manifest import file_sha256
 from alignpipe.encoders.registry import EncoderError, EncoderSpec, installed_copy_package
-from alignpipe.manifest import file_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npz", ".h5", ".msgpack")
 RANDOM = "random"

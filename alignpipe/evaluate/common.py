@@ -24,12 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alignpipe.errors import AlignpipeError
-from alignpipe.latents import check_encoder, load_rows, split_rows, storage_dtype
-from alignpipe.manifest import SPLITS, file_sha256
+from alignpipe.data.manifest import SPLITS, file_sha256
+from alignpipe.data.pairing import check_encoder, load_rows, split_rows, storage_dtype
+from alignpipe.data.store import LatentStore
+from alignpipe.evaluate.metrics import nonfinite_rows
 from alignpipe.methods.space import Encoded, num_rows
-from alignpipe.metrics import nonfinite_rows
-from alignpipe.store import LatentStore
+from alignpipe.util.errors import AlignpipeError
 
 CLASS_EMBEDDINGS = {
     "mean": "CLIP: mean of the normalised template encodings of a class, renormalised",
@@ -144,7 +144,7 @@ def result_name(kind: str, split: str, stores: list[LatentStore], options: list[
                       *(store_tag(s) for s in stores)])
 
 
-def _output_path(output, run, stem: str, produced_by) -> tuple[Path, dict]:
+def output_path(output, run, stem: str, produced_by) -> tuple[Path, dict]:
     """Where the result goes, and `produced_by(folder)`: what made it, paths relative to there."""
     path = Path(output) if output is not None else (
         (Path(run) if run is not None else Path.cwd()) / f"{stem}.json")

@@ -1,9 +1,9 @@
 """The evaluator registry: `register_evaluator` (a decorator), `list_evaluators` and `evaluate`.
 
 An evaluator computes and returns an `Evaluation` (the numbers, plus the tables and figure its
-report shows); it writes nothing. `evaluate(kind, ...)` runs one by name, picks where its result
-goes and hands it to the one writer (`alignpipe.results.write_evaluation`). The CLI's
-``alignpipe eval <kind>`` and a pipeline's ``eval:`` entries both come through here.
+report shows); it writes nothing. `evaluate(kind, ...)` runs one by name. Writing is the app's
+job: `alignpipe.app.results.run_evaluation` picks where a result goes and writes it, and the
+CLI's ``alignpipe eval <kind>`` and a pipeline's ``eval:`` entries both come through it.
 
 Each evaluator module registers itself on import; the package's ``__init__`` imports them all, so
 this module never imports an evaluator back.
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignpipe.errors import AlignpipeError
-from alignpipe.registry import Registry
+from alignpipe.util.errors import AlignpipeError
+from alignpipe.util.registry import Registry
 
 #: Options every evaluator takes, besides its stores and its own options.
 COMMON_OPTIONS = ("split", "identity", "device", "manifest", "allow_partial")
@@ -34,7 +34,7 @@ class Table:
 
 @dataclass
 class Figure:
-    """A plot of a report: `kind` names a drawing in `alignpipe.results.FIGURES`
+    """A plot of a report: `kind` names a drawing in `alignpipe.app.results.FIGURES`
     (``recall_curves``: data ``{"curves": {name: [...]}}``; ``confusion``: data
     ``{"matrix": array, "names": [...]}``)."""
 
@@ -102,16 +102,13 @@ def evaluator_spec(kind: str) -> EvaluatorSpec:
     return EVALUATORS.get(kind)
 
 
-def evaluate(kind: str, run, stores: list, *, output=None, **options) -> dict:
-    """Run the evaluator `kind` on `stores` and write its result; returns the result.
+def evaluate(kind: str, run, stores: list, **options) -> Evaluation:
+    """Run the evaluator `kind` on `stores` (through the run's heads, or as they are with
+    ``identity=True``) and return its `Evaluation`; nothing is written.
 
-    The result is written to `output` (default: ``{stem}.json`` in the run folder, or here
-    without a run) with a markdown report and a plot beside it. Options the kind does not take
-    are refused by name.
+    Options the kind does not take are refused by name. `alignpipe.app.results.run_evaluation`
+    is the same call followed by writing the result's JSON, markdown and PNG.
     """
-    from alignpipe.evaluate.common import _output_path
-    from alignpipe.results import write_evaluation
-
     spec = evaluator_spec(kind)
     if len(stores) != len(spec.stores):
         raise AlignpipeError(f"eval {kind}: needs {len(spec.stores)} stores "
@@ -120,11 +117,7 @@ def evaluate(kind: str, run, stores: list, *, output=None, **options) -> dict:
     if unknown:
         raise AlignpipeError(f"eval {kind}: unknown option(s) {', '.join(unknown)}; valid: "
                              f"{', '.join([*COMMON_OPTIONS, *spec.options])}")
-    evaluation = spec.compute(run, *stores, **options)
-    path, produced_by = _output_path(output, run, evaluation.stem, evaluation.produced_by)
-    evaluation.result.update({"produced_by": produced_by, "output": str(path)})
-    write_evaluation(path, evaluation)
-    return evaluation.result
+    return spec.compute(run, *stores, **options)
 
 
 def eval_options() -> tuple[str, ...]:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from alignpipe.errors import AlignpipeError
+from alignpipe.data.pairing import (
+    ManifestArg,
+    first_rows,
+    media_items,
+    open_pair,
+    partial_notes,
+    resolve_device,
+    valid_rows,
+)
 from alignpipe.evaluate.common import (
     QUERY_CHUNK,
     _check_split,
@@ -16,18 +24,10 @@ from alignpipe.evaluate.common import (
     open_space,
     result_name,
 )
-from alignpipe.evaluate.registry import Evaluation, Figure, Table, evaluate, register_evaluator
-from alignpipe.latents import (
-    ManifestArg,
-    first_rows,
-    media_items,
-    open_pair,
-    partial_notes,
-    resolve_device,
-    valid_rows,
-)
+from alignpipe.evaluate.metrics import TIE_RULE, encoded_ranks, recall_curve, recalls_from_ranks
+from alignpipe.evaluate.registry import Evaluation, Figure, Table, register_evaluator
 from alignpipe.methods.space import num_rows
-from alignpipe.metrics import TIE_RULE, encoded_ranks, recall_curve, recalls_from_ranks
+from alignpipe.util.errors import AlignpipeError
 
 
 @register_evaluator("retrieval", stores=("a", "b"),
@@ -80,12 +80,3 @@ def compute_retrieval(run, store_a, store_b, *, split: str = "test", identity: b
                       Figure("recall_curves", {"curves": curves},
                              f"recall@K, {result['split']}"))
 
-
-def eval_retrieval(run, store_a, store_b, *, split: str = "test", identity: bool = False,
-                   output=None, device=None, manifest: ManifestArg = None,
-                   allow_partial: bool = False) -> dict:
-    """`compute_retrieval`, written to `output` (a JSON, with a markdown table and a recall plot
-    beside it); returns the result."""
-    return evaluate("retrieval", run, [store_a, store_b], output=output, split=split,
-                    identity=identity, device=device, manifest=manifest,
-                    allow_partial=allow_partial)

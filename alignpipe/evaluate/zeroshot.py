@@ -7,7 +7,17 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from alignpipe.errors import AlignpipeError
+from alignpipe.data.pairing import (
+    ManifestArg,
+    first_rows,
+    media_items,
+    partial_notes,
+    resolve_device,
+    stage_two_store,
+    store_manifests,
+    valid_rows,
+)
+from alignpipe.data.store import LatentStore
 from alignpipe.evaluate.common import (
     CLASS_EMBEDDINGS,
     CONFUSION_MAX_CLASSES,
@@ -21,26 +31,16 @@ from alignpipe.evaluate.common import (
     open_space,
     result_name,
 )
-from alignpipe.evaluate.registry import Evaluation, Figure, Table, evaluate, register_evaluator
-from alignpipe.latents import (
-    ManifestArg,
-    first_rows,
-    media_items,
-    partial_notes,
-    resolve_device,
-    stage_two_store,
-    store_manifests,
-    valid_rows,
-)
-from alignpipe.methods.space import Encoded, group_mean, pairwise_scores, slice_rows
-from alignpipe.metrics import (
+from alignpipe.evaluate.metrics import (
     TIE_RULE,
     class_ranks,
     confusion_matrix,
     pessimistic_predictions,
     zeroshot_metrics,
 )
-from alignpipe.store import LatentStore
+from alignpipe.evaluate.registry import Evaluation, Figure, Table, register_evaluator
+from alignpipe.methods.space import Encoded, group_mean, pairwise_scores, slice_rows
+from alignpipe.util.errors import AlignpipeError
 
 
 def class_key(query_manifest, prompts_manifest) -> str:
@@ -214,12 +214,3 @@ def compute_zeroshot(run, query_store, prompts_store, *, split: str = "test",
                         f"zero-shot, {result['split']} (top-1 {result['top1']:.1f}%)")
     return Evaluation(result, stem, produced_by, "Zero-shot", summary, tables, figure)
 
-
-def eval_zeroshot(run, query_store, prompts_store, *, split: str = "test",
-                  class_embedding: str = "mean", identity: bool = False, output=None,
-                  device=None, manifest: ManifestArg = None, allow_partial: bool = False) -> dict:
-    """`compute_zeroshot`, written to `output` (a JSON, with a markdown table and, up to
-    CONFUSION_MAX_CLASSES classes, a confusion plot beside it); returns the result."""
-    return evaluate("zeroshot", run, [query_store, prompts_store], output=output, split=split,
-                    class_embedding=class_embedding, identity=identity, device=device,
-                    manifest=manifest, allow_partial=allow_partial)

@@ -40,7 +40,14 @@ import torch
 import yaml
 
 from alignpipe._version import __version__
-from alignpipe.errors import AlignpipeError
+from alignpipe.data.pairing import (
+    load_pairs,
+    open_pair,
+    partial_notes,
+    resolve_device,
+    storage_dtype,
+    train_val_rows,
+)
 from alignpipe.fit.callbacks import Callbacks, FitCallback
 from alignpipe.fit.config import (
     COMMON_DEFAULTS,
@@ -74,17 +81,10 @@ from alignpipe.fit.runfolder import (
     run_state,
     save_tensors,
 )
-from alignpipe.fsutil import DiskError, os_errors
-from alignpipe.latents import (
-    load_pairs,
-    open_pair,
-    partial_notes,
-    resolve_device,
-    storage_dtype,
-    train_val_rows,
-)
 from alignpipe.methods import create_method
-from alignpipe.yamlsafe import load_yaml
+from alignpipe.util.errors import AlignpipeError
+from alignpipe.util.fsutil import DiskError, os_errors
+from alignpipe.util.yamlsafe import load_yaml
 
 # Below this many val pairs, recall moves by ≥ 1 point per pair and cannot choose an epoch.
 MIN_VAL_PAIRS = 100
@@ -109,7 +109,7 @@ def fit(store_a=None, store_b=None, *, method: str | None = None, out, config=No
     finished run was found and nothing was fitted).
     One process at a time writes a run folder (a lock beside it). `callbacks`: objects with any
     of on_fit_start / on_epoch_end / on_fit_end (fit/callbacks.py), called by the training loop;
-    no figure is drawn without one (the CLI passes `alignpipe.render.CurvesPNG`). `options`:
+    no figure is drawn without one (the CLI passes `alignpipe.app.render.CurvesPNG`). `options`:
     `overwrite`, `manifest`, `allow_partial` (see `_fit`).
     """
     callbacks = Callbacks(callbacks)  # a wrong object is refused before anything is touched

@@ -13,7 +13,7 @@
 metrics.jsonl (epoch, step, train_loss, lr, pairs_per_s, val, ...), and `names` the two stores'
 modalities (the val directions are named from them). A method that trains nothing (asif) runs no
 loop and emits no events. The loop writes no figure itself: the app's `CurvesPNG`
-(alignpipe/render.py) draws curves.png from these events. A callback may subclass `FitCallback`
+(alignpipe/app/render.py) draws curves.png from these events. A callback may subclass `FitCallback`
 (no-op methods) or be any object with the methods it needs; the history is the loop's own list,
 so copy it to keep it.
 """

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alignpipe.errors import AlignpipeError
 from alignpipe.methods import method_spec
 from alignpipe.methods.losses import list_losses, loss_spec
-from alignpipe.yamlsafe import load_yaml
+from alignpipe.util.errors import AlignpipeError
+from alignpipe.util.yamlsafe import load_yaml
 
 # Keys every method understands.
 COMMON_DEFAULTS = {

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alignpipe.errors import AlignpipeError
+from alignpipe.data.pairing import first_rows
+from alignpipe.evaluate.metrics import encoded_retrieval, nonfinite_rows
 from alignpipe.fit.callbacks import Callbacks
 from alignpipe.fit.runfolder import (
     CHECKPOINT,
@@ -33,10 +34,9 @@ from alignpipe.fit.runfolder import (
     read_tensors,
     save_tensors,
 )
-from alignpipe.latents import first_rows
 from alignpipe.methods.base import Pairs, TrainedMethod
-from alignpipe.metrics import encoded_retrieval, nonfinite_rows
-from alignpipe.progress import progress_bar
+from alignpipe.util.errors import AlignpipeError
+from alignpipe.util.progress import progress_bar
 
 CPU_MEMORY_BUDGET = 4 << 30   # bytes of activations a CPU step may use before we shrink it
 CHECKPOINT_FORMAT = "alignpipe-checkpoint-1"

@@ -15,19 +15,19 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from alignpipe.errors import AlignpipeError
+from alignpipe.data.pairing import as_store, encoder_identity, resolve_device, storage_dtype
 from alignpipe.fit.config import MAX_DIM, resolve_config
-from alignpipe.fsutil import (
+from alignpipe.methods import create_method
+from alignpipe.methods.losses import DEFAULT_LOSS
+from alignpipe.util.errors import AlignpipeError
+from alignpipe.util.fsutil import (
     atomic_path,
     atomic_write_bytes,
     exclusive_lock,
     os_errors,
     remove_temp_files,
 )
-from alignpipe.latents import as_store, encoder_identity, resolve_device, storage_dtype
-from alignpipe.methods import create_method
-from alignpipe.methods.losses import DEFAULT_LOSS
-from alignpipe.yamlsafe import YamlInputError, load_yaml
+from alignpipe.util.yamlsafe import YamlInputError, load_yaml
 
 CONFIG, LOG, METRICS, SUMMARY = "config.yaml", "log.txt", "metrics.jsonl", "run.json"
 HEADS_BEST, HEADS_LAST = "heads-best.safetensors", "heads-last.safetensors"
@@ -170,7 +170,7 @@ def locate_store(out, record: dict, side: str, hint: str, candidates=()):
     at its recorded path, or among `candidates` (stores given with the command), whichever is
     that store by what it is. Otherwise a StoreError naming the store, where it was looked for,
     and `hint` (how to say where it is now)."""
-    from alignpipe.errors import StoreError
+    from alignpipe.util.errors import StoreError
 
     seen = []
     for where in [*store_locations(out, record), *candidates]:
@@ -536,7 +536,7 @@ def load_run(run, device=None, which: str = "best", stores=()) -> LoadedRun:
 
 def _load_anchors(method, path: Path, stores: dict, device: torch.device, cfg: dict,
                   candidates=()) -> None:
-    from alignpipe.latents import load_rows
+    from alignpipe.data.pairing import load_rows
 
     load_into(method, read_tensors(path / ANCHORS, "anchor list"), path / ANCHORS,
               "anchor list")

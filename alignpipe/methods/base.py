@@ -8,8 +8,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from alignpipe.data.pairs import Pairs  # defined below the methods; importable from here too
 from alignpipe.methods.space import Encoded
-from alignpipe.pairs import Pairs  # defined below the methods; importable from here too
 
 SIDES = ("a", "b")
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from alignpipe.errors import AlignpipeError
 from alignpipe.methods.contrastive import LOSS_DEFAULTS, HeadsMethod, loss_from
 from alignpipe.methods.heads import linear_head
 from alignpipe.methods.registry import register_method
+from alignpipe.util.errors import AlignpipeError
 
 LINEAR_DEFAULTS = {
     "out_dim": None,          # None: 512, or the kept side's dim with identity_side

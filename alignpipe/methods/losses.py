@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignpipe.registry import Registry
+from alignpipe.util.registry import Registry
 
 
 class Temperature(nn.Module):

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from alignpipe.errors import AlignpipeError
 from alignpipe.methods.base import Method
-from alignpipe.registry import Registry
+from alignpipe.util.errors import AlignpipeError
+from alignpipe.util.registry import Registry
 
 
 @dataclass(frozen=True)
