@@ -13,11 +13,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from typer.core import TyperGroup
 
+from alignpipe.app.clikit import (
+    ThreadsOption,
+    console,
+    err_console,
+    friendly,
+    parse_overrides,
+    use_threads,
+)
 from alignpipe.util.errors import AlignpipeError
-from alignpipe.util.fsutil import DiskError, describe_os_error
 
 
 class _PluginGroup(TyperGroup):
@@ -87,63 +93,6 @@ bench_app = typer.Typer(help="Benchmarks that print ratios measured in one run."
 app.add_typer(manifest_app, name="manifest")
 app.add_typer(eval_app, name="eval")
 app.add_typer(bench_app, name="bench")
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _disk_errors_as_user_errors(fn, *args, **kwargs):
-    """A full disk, a read-only folder or missing permissions is the user's to fix, not a bug:
-    it becomes a DiskError naming the path. Any other OSError keeps its traceback."""
-    try:
-        return fn(*args, **kwargs)
-    except OSError as err:
-        message = describe_os_error(err)
-        if message is None:
-            raise
-        raise DiskError(message) from None
-
-
-def friendly(fn):
-    """Turn user mistakes (AlignpipeError) into a clear message and exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return _disk_errors_as_user_errors(fn, *args, **kwargs)
-        except AlignpipeError as err:
-            err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False,
-                              soft_wrap=True)
-            raise typer.Exit(code=err.exit_code) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted; finished work units are kept, rerun to resume")
-            raise typer.Exit(code=130) from None
-
-    return wrapper
-
-
-ThreadsOption = Annotated[int | None, typer.Option(
-    help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the CPUs the load "
-         "average leaves free).", min=1)]
-
-
-def use_threads(threads: int | None) -> None:
-    """Size torch's CPU thread pool before any work (a busy machine otherwise thrashes)."""
-    from alignpipe.util.devices import set_threads
-
-    set_threads(threads)
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, str]:
-    """``["a.b=1", "c=x"]`` -> ``{"a.b": "1", "c": "x"}``."""
-    out: dict[str, str] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise AlignpipeError(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
-
 
 # ---- info ---------------------------------------------------------------------------------------
 @app.command()
@@ -663,6 +612,22 @@ def _builder_command(spec):
     command = friendly(command)
     command.__signature__ = inspect.Signature(parameters)
     return command
+
+
+#: Verbs written in modules of their own: each module has ``register(app)``, which adds its
+#: commands (with `alignpipe.app.clikit.friendly` and its shared options). A new verb is one
+#: module plus one name here.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _register_command_modules() -> None:
+    from importlib import import_module
+
+    for name in COMMAND_MODULES:
+        import_module(name).register(app)
+
+
+_register_command_modules()
 
 
 def main() -> None:
