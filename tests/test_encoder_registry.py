@@ -44,8 +44,8 @@ PACKAGE = Path(encoders.__file__).parent
 # ---- one place per backend ----------------------------------------------------------------------
 def test_every_backend_is_a_registered_adapter_declaring_its_poolings():
     backends = {a.backend: a for a in list_adapters()}
-    assert set(backends) == {"timm", "hf-vision", "hf-clip-image", "hf-text", "hf-clip-text",
-                             "hf-whisper", "hf-ast", "hf-clap"}
+    assert set(backends) == {"timm", "timm-efficientnet-lite", "hf-vision", "hf-clip-image",
+                             "hf-text", "hf-clip-text", "hf-whisper", "hf-ast", "hf-clap"}
     for spec in list_encoders():
         adapter = get_adapter(spec.backend)
         assert spec.poolings == adapter.poolings

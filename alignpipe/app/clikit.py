@@ -37,7 +37,7 @@ def friendly(fn: Callable) -> Callable:
     """Turn user mistakes (AlignpipeError) into a clear message and exit code."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return _disk_errors_as_user_errors(fn, *args, **kwargs)
         except AlignpipeError as err:

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    from matplotlib.figure import Figure
 
 PLOT_EVERY_S = 30.0  # during a long fit, redraw the curves at most this often
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
     """A GitHub markdown table; floats to two decimals."""
-    def cell(v):
+    def cell(v: object) -> str:
         return f"{v:.2f}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -23,7 +28,7 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 # ---- stage-two plots (matplotlib imported lazily: the CLI stays fast) ----------------------------
-def _figure(*args, **kwargs):
+def _figure(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,7 +37,7 @@ def _figure(*args, **kwargs):
     return plt, *plt.subplots(*args, **kwargs)
 
 
-def _save_png(fig, plt, path) -> None:
+def _save_png(fig: Figure, plt: Any, path: str | Path) -> None:
     """Write a figure atomically (a reader never sees half a PNG)."""
     from alignpipe.util.fsutil import atomic_path
 
@@ -44,7 +49,7 @@ def _save_png(fig, plt, path) -> None:
         plt.close(fig)
 
 
-def plot_fit_curves(path, history: list[dict], names: tuple[str, str]) -> None:
+def plot_fit_curves(path: str | Path, history: list[dict], names: tuple[str, str]) -> None:
     """Training loss and val R@1 (both directions) and mean recall per epoch."""
     plt, fig, (left, right) = _figure(1, 2, figsize=(10, 3.6))
     epochs = [h["epoch"] for h in history]
@@ -70,30 +75,30 @@ class CurvesPNG:
     ~0.1 s). A library `fit()` draws nothing unless given ``callbacks=[CurvesPNG()]``.
     """
 
-    def __init__(self, every_s: float = PLOT_EVERY_S):
+    def __init__(self, every_s: float = PLOT_EVERY_S) -> None:
         self.every_s = every_s
         self.last = time.perf_counter()
         self.drawn: int | None = None  # epochs in the last figure drawn, if any
 
-    def on_fit_start(self, run_dir, history: list[dict], names: tuple[str, str]) -> None:
+    def on_fit_start(self, run_dir: Path, history: list[dict], names: tuple[str, str]) -> None:
         self.last, self.drawn = time.perf_counter(), None
 
-    def on_epoch_end(self, run_dir, history: list[dict], names: tuple[str, str]) -> None:
+    def on_epoch_end(self, run_dir: Path, history: list[dict], names: tuple[str, str]) -> None:
         if time.perf_counter() - self.last > self.every_s:
             self._draw(run_dir, history, names)
 
-    def on_fit_end(self, run_dir, history: list[dict], names: tuple[str, str]) -> None:
+    def on_fit_end(self, run_dir: Path, history: list[dict], names: tuple[str, str]) -> None:
         if history and self.drawn != len(history):
             self._draw(run_dir, history, names)
 
-    def _draw(self, run_dir, history: list[dict], names: tuple[str, str]) -> None:
+    def _draw(self, run_dir: Path, history: list[dict], names: tuple[str, str]) -> None:
         from alignpipe.fit.runfolder import CURVES
 
         plot_fit_curves(Path(run_dir) / CURVES, history, names)
         self.last, self.drawn = time.perf_counter(), len(history)
 
 
-def plot_recall_curves(path, curves: dict[str, list[float]], title: str) -> None:
+def plot_recall_curves(path: str | Path, curves: dict[str, list[float]], title: str) -> None:
     """R@K for K = 1..max, one line per direction."""
     plt, fig, ax = _figure(figsize=(5.5, 4))
     for name, values in curves.items():
@@ -104,7 +109,7 @@ def plot_recall_curves(path, curves: dict[str, list[float]], title: str) -> None
     _save_png(fig, plt, path)
 
 
-def plot_confusion(path, counts, classes: list[str], title: str) -> None:
+def plot_confusion(path: str | Path, counts: np.ndarray, classes: list[str], title: str) -> None:
     """Row-normalised confusion matrix (true class × predicted class)."""
     import numpy as np
 
@@ -118,7 +123,8 @@ def plot_confusion(path, counts, classes: list[str], title: str) -> None:
     _save_png(fig, plt, path)
 
 
-def plot_similarity(path, names: list[str], matrices: dict[str, list[list[float]]]) -> None:
+def plot_similarity(path: str | Path, names: list[str],
+                    matrices: dict[str, list[list[float]]]) -> None:
     """One heatmap per measure (linear CKA, mutual kNN), values written in the cells."""
     import numpy as np
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.table import Table
 
 # Markdown tables and PNG figures live in `render` (no rich); re-exported here as before.
@@ -12,6 +14,9 @@ from alignpipe.app.render import (  # noqa: F401
     plot_recall_curves,
     plot_similarity,
 )
+
+if TYPE_CHECKING:
+    from alignpipe.app.pipeline.runner import PipelineResult
 
 
 def human_bytes(n: float) -> str:
@@ -51,7 +56,7 @@ def store_info_table(details: dict) -> Table:
     return table
 
 
-def results_table(result) -> Table:
+def results_table(result: PipelineResult) -> Table:
     """The headline metrics of a pipeline run, as printed at the end of `alignpipe run`."""
     from alignpipe.app.pipeline.report import headline_metrics
 

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from alignpipe.data.pairing import ManifestArg
 from alignpipe.evaluate import Evaluation, evaluate, output_path
 from alignpipe.evaluate.similarity import similarity
 from alignpipe.util.fsutil import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from alignpipe.data.store import LatentStore
+
+    StoreArg = str | Path | LatentStore
 
 
 def _recall_curves(path: Path, data: dict, title: str) -> None:
@@ -73,7 +79,8 @@ def write_evaluation(path: str | Path, evaluation: Evaluation) -> None:
         FIGURES[figure.kind](path.with_suffix(".png"), figure.data, figure.title)
 
 
-def run_evaluation(kind: str, run, stores: list, *, output=None, **options) -> dict:
+def run_evaluation(kind: str, run: str | Path | None, stores: list[StoreArg], *,
+                   output: str | Path | None = None, **options: Any) -> dict:
     """Run the evaluator `kind` (`alignpipe.evaluate.evaluate`) and write its result; returns
     the result.
 
@@ -88,8 +95,10 @@ def run_evaluation(kind: str, run, stores: list, *, output=None, **options) -> d
     return evaluation.result
 
 
-def eval_retrieval(run, store_a, store_b, *, split: str = "test", identity: bool = False,
-                   output=None, device=None, manifest: ManifestArg = None,
+def eval_retrieval(run: str | Path | None, store_a: StoreArg, store_b: StoreArg, *,
+                   split: str = "test", identity: bool = False,
+                   output: str | Path | None = None, device: str | None = None,
+                   manifest: ManifestArg = None,
                    allow_partial: bool = False) -> dict:
     """Retrieval between two stores (`alignpipe.evaluate.compute_retrieval`), written to
     `output` (a JSON, with a markdown table and a recall plot beside it); returns the result."""
@@ -98,9 +107,10 @@ def eval_retrieval(run, store_a, store_b, *, split: str = "test", identity: bool
                           allow_partial=allow_partial)
 
 
-def eval_zeroshot(run, query_store, prompts_store, *, split: str = "test",
-                  class_embedding: str = "mean", identity: bool = False, output=None,
-                  device=None, manifest: ManifestArg = None, allow_partial: bool = False) -> dict:
+def eval_zeroshot(run: str | Path | None, query_store: StoreArg, prompts_store: StoreArg, *,
+                  split: str = "test", class_embedding: str = "mean", identity: bool = False,
+                  output: str | Path | None = None, device: str | None = None,
+                  manifest: ManifestArg = None, allow_partial: bool = False) -> dict:
     """Zero-shot classification (`alignpipe.evaluate.compute_zeroshot`), written to `output`
     (a JSON, with a markdown table and, up to CONFUSION_MAX_CLASSES classes, a confusion plot
     beside it); returns the result."""

@@ -43,7 +43,7 @@ class SyntheticData:
 class _RandomNet:
     """A fixed random map R^in → R^out: out = W2 tanh(W1 x), about unit variance per output."""
 
-    def __init__(self, rng: np.random.Generator, dim_in: int, dim_out: int, width: int):
+    def __init__(self, rng: np.random.Generator, dim_in: int, dim_out: int, width: int) -> None:
         self.w1 = rng.standard_normal((dim_in, width)) * (1.5 / np.sqrt(dim_in))
         self.b1 = rng.standard_normal(width) * 0.3
         self.w2 = rng.standard_normal((width, dim_out)) / np.sqrt(width)
@@ -52,7 +52,8 @@ class _RandomNet:
         return np.tanh(x @ self.w1 + self.b1) @ self.w2 * 2.0
 
 
-def _latents(rng, net: _RandomNet, shared: np.ndarray, private: int, noise: float) -> np.ndarray:
+def _latents(rng: np.random.Generator, net: _RandomNet, shared: np.ndarray, private: int,
+             noise: float) -> np.ndarray:
     nuisance = rng.standard_normal((shared.shape[0], private))
     clean = net(np.concatenate([shared, nuisance], axis=1))
     return (clean + noise * rng.standard_normal(clean.shape)).astype(np.float32)

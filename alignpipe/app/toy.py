@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
 
 
 def _scene(rng: np.random.Generator, item: int) -> Scene:
-    def choice(options):
+    def choice(options: Collection[str]) -> str:
         return list(options)[rng.integers(len(options))]
 
     return Scene(
@@ -247,7 +248,8 @@ def folder_digest(root: str | Path) -> str:
     Option("rows", int, 600, "Rows (captions) to make."),
     Option("seed", int, 0, "Random seed; the same seed gives the same bytes."),
     Option("captions_per_item", int, 2, "Rows sharing one image and clip.")))
-def _toy_builder(out, rows, seed, captions_per_item, progress=False):
+def _toy_builder(out: str | Path, rows: int, seed: int, captions_per_item: int,
+                 progress: bool = False) -> str:
     """Generate the deterministic toy image–text–audio dataset (``alignpipe manifest toy``,
     ``make: {kind: toy}``)."""
     if rows < 1 or captions_per_item < 1:

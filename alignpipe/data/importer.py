@@ -61,7 +61,7 @@ class _Source:
 
 
 class _NpySource(_Source):
-    def __init__(self, path: Path, manifest: Manifest):
+    def __init__(self, path: Path, manifest: Manifest) -> None:
         try:
             self.array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as err:
@@ -80,7 +80,7 @@ class _NpySource(_Source):
         self.dim = int(self.array.shape[1])
         self.description = {"source": str(path.resolve()), "source_sha256": file_sha256(path)}
 
-    def block(self, start, stop):
+    def block(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         values = np.asarray(self.array[start:stop], dtype=np.float32)
         _check_finite(values, start, str(self.path))
         return values, np.ones(stop - start, dtype=bool)
@@ -88,7 +88,7 @@ class _NpySource(_Source):
 
 class _ClipRetrievalSource(_Source):
     def __init__(self, folder: Path, manifest: Manifest, modality: str, key: str | None,
-                 allow_unmatched: bool):
+                 allow_unmatched: bool) -> None:
         if modality not in EMB_FOLDERS:
             raise ImportDataError(f"{folder}: clip-retrieval folders hold image or text "
                                   f"embeddings, not {modality}")
@@ -154,7 +154,7 @@ class _ClipRetrievalSource(_Source):
         self.description = {"source": str(folder.resolve()), "key": f"{meta_col}={man_col}",
                             "files": len(embs)}
 
-    def block(self, start, stop):
+    def block(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         out = np.zeros((stop - start, self.dim), dtype=np.float32)
         files = self.file_of[start:stop]
         rows = self.row_of[start:stop]

@@ -20,6 +20,7 @@ import hashlib
 import json
 import sys
 import unicodedata
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,7 +159,7 @@ def _duplicate_names(path: Path, names: list[str]) -> None:
 
 
 @contextmanager
-def _no_gc():
+def _no_gc() -> Iterator[None]:
     """Millions of small lists and tuples make the cyclic GC run over and over (2.4x slower
     parsing); none of them can form a cycle, so pause it while they are built."""
     was = gc.isenabled()

@@ -61,7 +61,7 @@ def resolve_ref(value: str, root: Path) -> MediaRef:
 class _TarIndex:
     """Member name -> (data offset, size) of one tar file, read once per process."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         self.path = path
         self.members: dict[str, tuple[int, int]] = {}
         with tarfile.open(path, mode="r:") as archive:  # "r:" refuses compressed archives
@@ -176,9 +176,15 @@ def load_audio(ref: MediaRef, sample_rate: int) -> np.ndarray:
         raise MediaError(f"truncated: {ref} holds fewer samples than its header declares")
     if len(samples) == 0:
         raise MediaError(f"corrupt: {ref} holds no audio samples")
-    mono = samples.mean(axis=1)
-    if not np.isfinite(mono).all():
+    if not np.isfinite(samples).all():
         raise MediaError(f"corrupt: {ref} holds non-finite samples")
+    return mono_at_rate(samples, rate, sample_rate)
+
+
+def mono_at_rate(samples: np.ndarray, rate: int, sample_rate: int) -> np.ndarray:
+    """(frames,) or (frames, channels) samples at `rate` -> mono float32 at `sample_rate`."""
+    samples = np.asarray(samples, dtype=np.float32)
+    mono = samples.mean(axis=1) if samples.ndim == 2 else samples
     if rate != sample_rate:
         mono = soxr.resample(mono, rate, sample_rate, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)

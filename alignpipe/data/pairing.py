@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from alignpipe.data.pairs import Pairs
 from alignpipe.data.store import LatentStore, open_store
 from alignpipe.util.devices import resolve_device  # noqa: F401  (re-exported for stage two)
 from alignpipe.util.errors import StoreError
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 # Encoder attrs that say which function made the latents (provenance like an import's source
 # file is left out: the prompts of a zero-shot eval are imported from another file).
@@ -99,7 +103,7 @@ def store_manifest(store: LatentStore, manifest: ManifestArg = None) -> Manifest
     return store_manifests([store], manifest)[0]
 
 
-def stage_two_store(store, *, allow_partial: bool = False) -> LatentStore:
+def stage_two_store(store: str | Path | LatentStore, *, allow_partial: bool = False) -> LatentStore:
     """Open a store for fit, eval or similarity: refuse a damaged store, and an unfinished one
     (its missing rows would silently shrink the data) unless `allow_partial`."""
     store = as_store(store)
@@ -138,7 +142,8 @@ def check_same_manifest(stores: list[LatentStore]) -> None:
                 f"in every store, so give stores embedded from one manifest")
 
 
-def open_pair(store_a, store_b, *, manifest: ManifestArg = None,
+def open_pair(store_a: str | Path | LatentStore, store_b: str | Path | LatentStore, *,
+              manifest: ManifestArg = None,
               allow_partial: bool = False) -> tuple[LatentStore, LatentStore, Manifest]:
     """Open two stores to align and refuse pairs that cannot be aligned row by row."""
     a, b = (stage_two_store(s, allow_partial=allow_partial) for s in (store_a, store_b))
@@ -263,14 +268,15 @@ def _read_blocks(store: LatentStore,
         yield (slice(int(i), int(j)) if ordered else order[i:j]), np.asarray(data)
 
 
-def _checked_rows(store: LatentStore, rows) -> np.ndarray:
+def _checked_rows(store: LatentStore, rows: npt.ArrayLike) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     if rows.size and (rows.min() < 0 or rows.max() >= store.rows):
         raise IndexError(f"{store.path}: rows out of range 0..{store.rows - 1}")
     return rows
 
 
-def read_rows(store: LatentStore, rows, dtype: str | np.dtype | None = None) -> np.ndarray:
+def read_rows(store: LatentStore, rows: npt.ArrayLike,
+              dtype: str | np.dtype | None = None) -> np.ndarray:
     """Latents of `rows`, in order, as `dtype` (default: the stored dtype).
 
     Read a block of chunks at a time straight into the result: host memory stays about the
@@ -283,7 +289,7 @@ def read_rows(store: LatentStore, rows, dtype: str | np.dtype | None = None) -> 
     return out
 
 
-def load_rows(store: LatentStore, rows, device: torch.device,
+def load_rows(store: LatentStore, rows: npt.ArrayLike, device: torch.device,
               dtype: torch.dtype) -> torch.Tensor:
     """Latents of `rows`, in order, as a `dtype` tensor on `device`, filled block by block (on
     an accelerator the host holds one block at a time, not the selection)."""

@@ -24,7 +24,7 @@ import os
 import re
 import shlex
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -289,7 +289,7 @@ class LatentStore:
         done = set(self.done_units())
         return [u for u in range(self.n_units) if u not in done]
 
-    def forget_units(self, units) -> None:
+    def forget_units(self, units: Iterable[int]) -> None:
         """Remove the completion markers of `units`: the next embed redoes them."""
         for unit in units:
             self._marker(unit).unlink(missing_ok=True)
@@ -385,8 +385,8 @@ class LatentStore:
                   "files": {name: file_record(self.path / name) for name in files}}
         atomic_write_bytes(self._marker(unit), json.dumps(marker).encode())
 
-    def _storable(self, start: int, latents: np.ndarray, valid: np.ndarray,
-                  failures: list[dict], ids: list[str] | None):
+    def _storable(self, start: int, latents: np.ndarray, valid: np.ndarray, failures: list[dict],
+                  ids: list[str] | None) -> tuple[np.ndarray, np.ndarray, list[dict]]:
         """Latents cast to the store's dtype; rows not finite after the cast become failures."""
         with np.errstate(over="ignore", invalid="ignore"):
             stored = np.where(valid[:, None], latents, 0).astype(self.dtype, copy=False)

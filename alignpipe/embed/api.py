@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alignpipe.data.manifest import FILE_COLUMNS, MEDIA_COLUMNS, Manifest, read_manifest
 from alignpipe.data.store import (
@@ -33,8 +34,12 @@ from alignpipe.encoders import (
     resolve_spec,
     resolve_weights,
 )
+from alignpipe.encoders.registry import AUTO_BACKEND
 from alignpipe.util.errors import AlignpipeError, StoreError
 from alignpipe.util.names import plain_name_problem
+
+if TYPE_CHECKING:
+    from alignpipe.embed.runner import Outcome
 
 CPU_BATCH_CAP = 32
 
@@ -48,7 +53,7 @@ class FailureRateError(EmbedError):
 
     exit_code = 3
 
-    def __init__(self, message: str, summary: EmbedSummary):
+    def __init__(self, message: str, summary: EmbedSummary) -> None:
         super().__init__(message)
         self.summary = summary
 
@@ -137,7 +142,8 @@ def check_column(column: str, modality: str, encoder: str) -> None:
                      f"{modality}) or an encoder for {column}")
 
 
-def make_request(encoder: str, *, column: str | None, weights, image_size: int | None,
+def make_request(encoder: str, *, column: str | None, weights: str | Path | None,
+                 image_size: int | None,
                  pooling: str | None, latent_dtype: str) -> Request:
     spec = get_encoder_spec(encoder)
     if latent_dtype not in LATENT_DTYPES:
@@ -148,7 +154,7 @@ def make_request(encoder: str, *, column: str | None, weights, image_size: int |
     if image_size is not None and spec.modality not in ("image", None):
         raise EmbedError(f"--image-size applies to image encoders; {encoder} reads "
                          f"{spec.modality}")
-    if pooling is not None and spec.backend != "hf-auto" and pooling not in spec.poolings:
+    if pooling is not None and spec.backend != AUTO_BACKEND and pooling not in spec.poolings:
         raise EmbedError(f"--pooling {pooling!r} is not available for {encoder}; use one of "
                          f"{', '.join(spec.poolings)}")
     return Request(spec=spec, source=resolve_weights(spec, weights),
@@ -189,8 +195,10 @@ def _open_existing(path: Path) -> LatentStore | None:
         raise
 
 
-def embed_status(manifest, encoder: str, cache="cache", *, dataset=None, column=None,
-                 weights=None, image_size=None, pooling=None, latent_dtype="float16") -> str:
+def embed_status(manifest: str | Path | Manifest, encoder: str, cache: str | Path = "cache", *,
+                 dataset: str | None = None, column: str | None = None,
+                 weights: str | Path | None = None, image_size: int | None = None,
+                 pooling: str | None = None, latent_dtype: str = "float16") -> str:
     """``missing`` | ``partial`` | ``complete`` | ``conflict``, without loading any weights."""
     manifest = _manifest(manifest)
     request = make_request(encoder, column=column, weights=weights, image_size=image_size,
@@ -226,7 +234,8 @@ def _resume_batch(store: LatentStore | None, batch_size: int | None) -> int | No
     return int(started)
 
 
-def _defaults(request: Request, batch_size, workers, device) -> tuple[int, int]:
+def _defaults(request: Request, batch_size: int | None, workers: int | None,
+              device: str | None) -> tuple[int, int]:
     import torch
 
     # "auto" means the best device, as in resolve_device; not resolved here, since under
@@ -241,10 +250,13 @@ def _defaults(request: Request, batch_size, workers, device) -> tuple[int, int]:
     return batch, decoders
 
 
-def embed(manifest, encoder: str, cache="cache", *, dataset=None, column=None, weights=None,
-          image_size=None, pooling=None, dtype=None, latent_dtype="float16", batch_size=None,
-          workers=None, unit_rows=8192, device=None, cluster=None, scheduler=None,
-          max_failure_rate=0.01, overwrite=False, progress=True,
+def embed(manifest: str | Path | Manifest, encoder: str, cache: str | Path = "cache", *,
+          dataset: str | None = None, column: str | None = None,
+          weights: str | Path | None = None, image_size: int | None = None,
+          pooling: str | None = None, dtype: str | None = None, latent_dtype: str = "float16",
+          batch_size: int | None = None, workers: int | None = None, unit_rows: int = 8192,
+          device: str | None = None, cluster: str | None = None, scheduler: str | None = None,
+          max_failure_rate: float = 0.01, overwrite: bool = False, progress: bool = True,
           decode_timeout: float | None = None, verify: bool = False) -> EmbedSummary:
     """Run every row of `manifest` through `encoder` once and fill its latent store.
 
@@ -324,7 +336,7 @@ def _resolve_existing(path: Path, request: Request, manifest: Manifest,
     return store
 
 
-def _summary(outcome, began: float, encoder: str) -> EmbedSummary:
+def _summary(outcome: Outcome, began: float, encoder: str) -> EmbedSummary:
     store, stats = outcome.store, outcome.stats
     failures = store.merge_failures()
     valid = int(store.read_valid().sum())

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from alignpipe.data.store import LatentStore
 from alignpipe.embed.engine import UnitStats
@@ -30,6 +31,9 @@ from alignpipe.embed.runner import (
     run_units,
 )
 from alignpipe.util.errors import AlignpipeError
+
+if TYPE_CHECKING:
+    from alignpipe.embed.api import Request
 
 TASK_RETRIES = 2
 
@@ -104,7 +108,7 @@ def connect(cluster: str | None, scheduler: str | None) -> Iterator[tuple[object
         yield client, bool(workers) and all("GPU" in w.get("resources", {}) for w in workers)
 
 
-def run_on_dask(job: Job, request, store: LatentStore | None, *, unit_rows: int,
+def run_on_dask(job: Job, request: Request, store: LatentStore | None, *, unit_rows: int,
                 cluster: str | None, scheduler: str | None, progress: bool) -> Outcome:
     from distributed import as_completed
 

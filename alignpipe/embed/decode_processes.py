@@ -21,7 +21,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.multiprocessing as tmp
@@ -29,6 +29,11 @@ import torch.multiprocessing as tmp
 from alignpipe.data.media import MediaError
 from alignpipe.embed.decode_threads import Stopped
 from alignpipe.util.fsutil import DiskError
+
+if TYPE_CHECKING:
+    import ctypes
+    import threading
+    from multiprocessing.queues import Queue
 
 _POLL_S = 0.05
 _FIELDS = 3  # per worker: task id, position in the chunk, start time (0 = idle)
@@ -47,7 +52,7 @@ def _failure(value: Any, err: BaseException) -> str:
     return f"cannot decode {value}: {type(err).__name__}: {err}"
 
 
-def _next_task(tasks, parent: int):
+def _next_task(tasks: Queue, parent: int) -> tuple | None:
     """The next task, or None once the parent is gone (a killed parent must not leave orphans)."""
     while True:
         try:
@@ -57,8 +62,8 @@ def _next_task(tasks, parent: int):
                 return None
 
 
-def _worker(slot: int, tasks, results, status, prepare: Callable, collate: Callable,
-            parent: int) -> None:
+def _worker(slot: int, tasks: Queue, results: Queue, status: ctypes.Array[ctypes.c_double],
+            prepare: Callable, collate: Callable, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     faulthandler.disable()  # a decoder crash is reported as that item's failure, not a dump
     torch.set_num_threads(1)  # as DataLoader workers: no thread pools inside forked children
@@ -107,7 +112,8 @@ class ProcessPool:
     Task ids are unique over the pool's life, so a late result never lands in a later task.
     """
 
-    def __init__(self, prepare: Callable, collate: Callable, workers: int, timeout: float):
+    def __init__(self, prepare: Callable, collate: Callable, workers: int,
+                 timeout: float) -> None:
         self.ctx = tmp.get_context("fork")
         self.prepare, self.collate, self.timeout = prepare, collate, timeout
         self.tasks = self.ctx.Queue()
@@ -141,8 +147,8 @@ class ProcessPool:
         self.tasks.put((task_id, 0, items))
         return task_id
 
-    def result(self, task_id: int, stop=None) -> _Task:
-        """Wait for a chunk; raises `Stopped` once `stop` (a threading.Event) is set."""
+    def result(self, task_id: int, stop: threading.Event | None = None) -> _Task:
+        """Wait for a chunk; raises `Stopped` once `stop` is set."""
         task = self.open[task_id]
         while not task.done:
             if stop is not None and stop.is_set():
@@ -153,7 +159,7 @@ class ProcessPool:
                 self._check_workers()
         return self.open.pop(task_id)
 
-    def _receive(self, message) -> None:
+    def _receive(self, message: tuple) -> None:
         task_id, attempt, ok, tensors, failed = message
         task = self.open.get(task_id)
         if task is None or task.done or attempt != task.attempt:

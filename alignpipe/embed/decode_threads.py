@@ -35,7 +35,7 @@ class Stopped(Exception):
 
 
 class _Task:
-    def __init__(self, arg: Any):
+    def __init__(self, arg: Any) -> None:
         self.arg = arg
         self.started: float | None = None
         self.outcome: Outcome | None = None
@@ -95,7 +95,7 @@ class DecodePool:
     One pool serves many `map` calls (a process keeps one per encoder); `close` ends its threads.
     """
 
-    def __init__(self, fn: Callable[[Any], Any], workers: int, timeout: float):
+    def __init__(self, fn: Callable[[Any], Any], workers: int, timeout: float) -> None:
         self.fn = fn
         self.timeout = timeout
         self.workers = max(1, workers)

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import islice
+from typing import Any
 
 import numpy as np
 
@@ -74,7 +75,8 @@ def close_pools() -> None:
 
 
 class ThreadDecoder:
-    def __init__(self, encoder: Encoder, batch_size: int, workers: int, timeout: float):
+    def __init__(self, encoder: Encoder, batch_size: int, workers: int,
+                 timeout: float) -> None:
         self.encoder, self.batch_size, self.workers, self.timeout = (
             encoder, batch_size, workers, timeout)
 
@@ -113,7 +115,7 @@ class ThreadDecoder:
 
 
 @contextmanager
-def _closing(iterator) -> Iterator[None]:
+def _closing(iterator: Iterator[Any]) -> Iterator[None]:
     try:
         yield
     finally:
@@ -122,8 +124,8 @@ def _closing(iterator) -> Iterator[None]:
             close()
 
 
-def _inline(prepare):
-    def run(value) -> Outcome:
+def _inline(prepare: Callable[[Any], Any]) -> Callable[[Any], Outcome]:
+    def run(value: Any) -> Outcome:
         try:
             return Outcome(True, prepare(value))
         except MediaError as err:
@@ -133,7 +135,8 @@ def _inline(prepare):
 
 
 class ProcessDecoder:
-    def __init__(self, encoder: Encoder, batch_size: int, workers: int, timeout: float):
+    def __init__(self, encoder: Encoder, batch_size: int, workers: int,
+                 timeout: float) -> None:
         self.encoder, self.batch_size, self.workers, self.timeout = (
             encoder, batch_size, workers, timeout)
 
@@ -173,7 +176,8 @@ class ProcessDecoder:
             yield Batch(plan, np.asarray(done.ok), done.tensors)
 
 
-def make_decoder(encoder: Encoder, batch_size: int, workers: int, timeout: float):
+def make_decoder(encoder: Encoder, batch_size: int, workers: int,
+                 timeout: float) -> ThreadDecoder | ProcessDecoder:
     forced = os.environ.get(DECODER_ENV, "")
     use_processes = (forced == "processes" or (not forced and encoder.modality != "text")
                      ) and fork_available()

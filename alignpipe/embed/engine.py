@@ -38,6 +38,9 @@ DECODE_TIMEOUT_S = float(os.environ.get("ALIGNPIPE_DECODE_TIMEOUT", "120"))
 THROTTLE_ENV = "ALIGNPIPE_EMBED_THROTTLE_S"
 PREFETCH_BATCHES = 3
 STOP_WAIT_S = 30.0  # how long a failed run waits for its producer thread to wind down
+# A launched batch: the batch, its latents (on the host, or being copied there) and the CUDA
+# event that marks the copy done (None off CUDA).
+_Launched = tuple[Batch, np.ndarray | torch.Tensor, torch.cuda.Event | None]
 
 
 @dataclass
@@ -61,7 +64,7 @@ class _Writer:
     hit stays unmarked (redone by the next run) and every unit marked before it stays valid.
     """
 
-    def __init__(self, store: LatentStore):
+    def __init__(self, store: LatentStore) -> None:
         self.store = store
         self.queue: queue.Queue = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
@@ -82,7 +85,8 @@ class _Writer:
         if self.error is not None:
             raise self.error
 
-    def submit(self, unit: int, latents, valid, failures, stats: dict, ids: list) -> None:
+    def submit(self, unit: int, latents: np.ndarray, valid: np.ndarray, failures: list[dict],
+               stats: dict, ids: list) -> None:
         self._check()
         self.queue.put((unit, latents, valid, failures, stats, ids))
 
@@ -104,7 +108,7 @@ class UnitRunner:
 
     def __init__(self, encoder: Encoder, manifest: Manifest, store: LatentStore, column: str,
                  *, batch_size: int, workers: int, dtype: torch.dtype,
-                 decode_timeout: float | None = None):
+                 decode_timeout: float | None = None) -> None:
         self.encoder, self.manifest, self.store, self.column = encoder, manifest, store, column
         self.batch_size = max(1, batch_size)
         self.workers = max(1, workers)
@@ -140,7 +144,7 @@ class UnitRunner:
             messages.close()  # hand the decode pool back (or close it) in this thread, now
 
     # ---- consumer side (this thread) -------------------------------------------------------------
-    def _launch(self, batch: Batch):
+    def _launch(self, batch: Batch) -> _Launched:
         """Start the forward pass and the copy back; returns what `_land` waits for."""
         tensors = {k: v.to(self.device, non_blocking=True) for k, v in batch.tensors.items()}
         with torch.inference_mode():
@@ -155,7 +159,7 @@ class UnitRunner:
         event.record(torch.cuda.current_stream(self.device))  # the model's GPU, not GPU 0
         return batch, host, event
 
-    def _land(self, launched) -> int:
+    def _land(self, launched: _Launched) -> int:
         batch, host, event = launched
         if event is not None:
             event.synchronize()
@@ -227,7 +231,8 @@ class UnitRunner:
                 in_flight = None
             self._finish(message, writer, stats, counted, progress)
 
-    def _advance(self, launched, counted: dict[int, int], progress) -> None:
+    def _advance(self, launched: _Launched, counted: dict[int, int],
+                 progress: Callable[[int], None] | None) -> None:
         rows = self._land(launched)
         unit = launched[0].plan.unit
         counted[unit] = counted.get(unit, 0) + rows
@@ -235,7 +240,7 @@ class UnitRunner:
             progress(rows)
 
     def _finish(self, plan: UnitPlan, writer: _Writer, stats: UnitStats,
-                counted: dict[int, int], progress) -> None:
+                counted: dict[int, int], progress: Callable[[int], None] | None) -> None:
         latents, valid, failures = unit_result(plan, self.column, self.store.dim)
         n_valid = int(valid.sum())
         writer.submit(plan.unit, latents, valid, failures, {"items": len(plan.values)},
@@ -246,7 +251,7 @@ class UnitRunner:
             progress(plan.rows - counted.pop(plan.unit, 0))
 
 
-def _on_device(device: torch.device):
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
     """Make the encoder's GPU the current one, so streams and pinned copies pair with it."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 

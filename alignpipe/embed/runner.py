@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alignpipe.data.manifest import Manifest, read_manifest
 from alignpipe.data.store import LatentStore, create_store, open_store
@@ -21,6 +22,11 @@ from alignpipe.encoders.base import resolve_device, resolve_dtype
 from alignpipe.util.errors import StoreError
 from alignpipe.util.fsutil import os_errors
 from alignpipe.util.progress import progress_bar as rich_progress
+
+if TYPE_CHECKING:
+    import torch
+
+    from alignpipe.embed.api import Request
 
 
 @dataclass(frozen=True)
@@ -134,7 +140,7 @@ def run_units(job: Job, units: list[int], device: str | None = None,
     return runner.run([u for u in units if not store.is_done(u)], progress)
 
 
-def _check_compute_dtype(store: LatentStore, dtype, encoder: Encoder) -> None:
+def _check_compute_dtype(store: LatentStore, dtype: torch.dtype, encoder: Encoder) -> None:
     """A store is computed in one dtype: resuming a bfloat16 run in float32 (another device,
     another --dtype) would mix latents that differ by ~1e-2 in one store."""
     started = store.encoder.get("compute_dtype")
@@ -145,7 +151,7 @@ def _check_compute_dtype(store: LatentStore, dtype, encoder: Encoder) -> None:
                          f"it, or --overwrite to start again")
 
 
-def run_job(job: Job, request, store: LatentStore | None, *, unit_rows: int,
+def run_job(job: Job, request: Request, store: LatentStore | None, *, unit_rows: int,
             progress: bool) -> Outcome:
     """Run the whole job in this process (`cluster.run_on_dask` is the dask executor)."""
     if store is not None and store.complete:  # nothing to do: no model load

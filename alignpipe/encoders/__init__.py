@@ -16,7 +16,7 @@ from pathlib import Path
 
 # The adapter modules register their backends, then the zoo its named specs (which need the
 # adapters registered: keep zoo last on this line).
-from alignpipe.encoders import audio, text, vision, zoo  # noqa: F401
+from alignpipe.encoders import audio, effnet, text, vision, zoo  # noqa: F401
 from alignpipe.encoders.base import Encoder, resolve_device
 from alignpipe.encoders.hf import load_config
 from alignpipe.encoders.hub import fail_fast

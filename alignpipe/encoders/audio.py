@@ -8,6 +8,8 @@ encoder frames that cover real audio, not the padding.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -17,8 +19,13 @@ from alignpipe.encoders.hf import load_hf_model, processor_source
 from alignpipe.encoders.registry import EncoderError, EncoderSpec, get_adapter, register_adapter
 from alignpipe.encoders.weights import WeightsSource
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, SequenceFeatureExtractor
 
-def _feature_extractor(spec: EncoderSpec, source: WeightsSource, cls=None):
+
+def _feature_extractor(spec: EncoderSpec, source: WeightsSource,
+                       cls: type[SequenceFeatureExtractor] | None = None,
+                       ) -> SequenceFeatureExtractor:
     from transformers import AutoFeatureExtractor, WhisperFeatureExtractor
 
     if spec.test_config is not None and "feature_extractor" in spec.test_config:
@@ -38,7 +45,7 @@ class _AudioAdapter:
     sort_key = None
 
     def _setup(self, spec: EncoderSpec, source: WeightsSource, device: torch.device,
-               extractor, max_seconds: float | None):
+               extractor: SequenceFeatureExtractor, max_seconds: float | None) -> None:
         self.spec, self.source, self.device = spec, source, device
         self.extractor = extractor
         self.sample_rate = int(extractor.sampling_rate)
@@ -47,6 +54,13 @@ class _AudioAdapter:
 
     def wave(self, value: MediaRef) -> np.ndarray:
         return centre_crop(load_audio(value, self.sample_rate), self.max_samples)
+
+    def prepare(self, value: MediaRef) -> np.ndarray | tuple[np.ndarray, int]:
+        return self.prepare_wave(self.wave(value))
+
+    def prepare_wave(self, wave: np.ndarray) -> np.ndarray | tuple[np.ndarray, int]:
+        """Mono float32 at `sample_rate`, already centre-cropped -> what `collate` stacks."""
+        raise NotImplementedError
 
     def collate(self, items: list[np.ndarray]) -> dict[str, torch.Tensor]:
         return {"features": torch.from_numpy(np.stack(items))}
@@ -69,7 +83,7 @@ class WhisperAudioEncoder(_AudioAdapter):
     """The Whisper encoder, mean over the frames of real audio."""
 
     def __init__(self, spec: EncoderSpec, source: WeightsSource, *, pooling: str | None,
-                 device: torch.device, config=None):
+                 device: torch.device, config: PretrainedConfig | None = None) -> None:
         from transformers import WhisperModel
 
         extractor = _feature_extractor(spec, source)
@@ -80,8 +94,8 @@ class WhisperAudioEncoder(_AudioAdapter):
         self.dim = int(self.model.config.d_model)
         del model
 
-    def prepare(self, value: MediaRef) -> tuple[np.ndarray, int]:
-        feats = self.extractor(self.wave(value), sampling_rate=self.sample_rate,
+    def prepare_wave(self, wave: np.ndarray) -> tuple[np.ndarray, int]:
+        feats = self.extractor(wave, sampling_rate=self.sample_rate,
                                return_attention_mask=True, return_tensors="np")
         return feats["input_features"][0], int(feats["attention_mask"][0].sum())
 
@@ -103,7 +117,7 @@ class ASTAudioEncoder(_AudioAdapter):
     """The Audio Spectrogram Transformer: its CLS+distill pooling, or a token mean."""
 
     def __init__(self, spec: EncoderSpec, source: WeightsSource, *, pooling: str | None,
-                 device: torch.device, config=None):
+                 device: torch.device, config: PretrainedConfig | None = None) -> None:
         from transformers import ASTModel
 
         extractor = _feature_extractor(spec, source)
@@ -113,9 +127,8 @@ class ASTAudioEncoder(_AudioAdapter):
         self.model = freeze(load_hf_model(ASTModel, spec, source), device)
         self.dim = int(self.model.config.hidden_size)
 
-    def prepare(self, value: MediaRef) -> np.ndarray:
-        feats = self.extractor(self.wave(value), sampling_rate=self.sample_rate,
-                               return_tensors="np")
+    def prepare_wave(self, wave: np.ndarray) -> np.ndarray:
+        feats = self.extractor(wave, sampling_rate=self.sample_rate, return_tensors="np")
         return feats["input_values"][0]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -130,7 +143,7 @@ class ClapAudioEncoder(_AudioAdapter):
     """CLAP's audio tower, projected."""
 
     def __init__(self, spec: EncoderSpec, source: WeightsSource, *, pooling: str | None,
-                 device: torch.device, config=None):
+                 device: torch.device, config: PretrainedConfig | None = None) -> None:
         from transformers import ClapAudioModelWithProjection, ClapFeatureExtractor
 
         extractor = _feature_extractor(spec, source, ClapFeatureExtractor)
@@ -141,9 +154,9 @@ class ClapAudioEncoder(_AudioAdapter):
         self.dim = int(self.model.config.projection_dim)
         self.fusion = bool(getattr(self.model.config, "enable_fusion", False))
 
-    def prepare(self, value: MediaRef) -> np.ndarray:
+    def prepare_wave(self, wave: np.ndarray) -> np.ndarray:
         # Clips are already cut to the window, so the extractor's random truncation never runs.
-        feats = self.extractor(self.wave(value), sampling_rate=self.sample_rate,
+        feats = self.extractor(wave, sampling_rate=self.sample_rate,
                                return_tensors="np")
         return feats["input_features"][0]
 

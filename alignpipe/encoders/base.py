@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -114,8 +114,8 @@ class PixelNormalizer:
     multiply by. Either way the arithmetic matches the library's own CPU preprocessing.
     """
 
-    def __init__(self, mean, std, device: torch.device, channels_last: bool,
-                 rescale: float | None = None):
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device,
+                 channels_last: bool, rescale: float | None = None) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.rescale = rescale

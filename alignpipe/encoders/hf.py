@@ -7,7 +7,9 @@ the same code.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,8 +25,11 @@ from alignpipe.encoders.base import (
 from alignpipe.encoders.registry import EncoderError, EncoderSpec, installed_copy_package
 from alignpipe.encoders.weights import WeightsSource, installed_copy
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
-def _config_for(spec: EncoderSpec, source: WeightsSource):
+
+def _config_for(spec: EncoderSpec, source: WeightsSource) -> PretrainedConfig:
     """A config without weights: the test spec's, the weights file's folder's, or the hub's."""
     from transformers import AutoConfig
 
@@ -44,13 +49,14 @@ def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)  # no pickled code
 
 
-def _from_config(cls, config):
+def _from_config(cls: type, config: PretrainedConfig) -> torch.nn.Module:
     # Concrete model classes build with _from_config, the Auto* factories with from_config.
     build = cls._from_config if hasattr(cls, "_from_config") else cls.from_config
     return build(config, dtype=torch.float32)
 
 
-def load_hf_model(cls, spec: EncoderSpec, source: WeightsSource, **kwargs) -> torch.nn.Module:
+def load_hf_model(cls: type, spec: EncoderSpec, source: WeightsSource,
+                  **kwargs: Any) -> torch.nn.Module:
     """Load `cls` (AutoModel, CLIPVisionModelWithProjection, ...) for `spec` from `source`."""
     try:
         with transformers_quiet():
@@ -61,7 +67,7 @@ def load_hf_model(cls, spec: EncoderSpec, source: WeightsSource, **kwargs) -> to
         raise weight_error(spec, source, err) from None
 
 
-def _load(cls, spec: EncoderSpec, source: WeightsSource, **kwargs) -> torch.nn.Module:
+def _load(cls: type, spec: EncoderSpec, source: WeightsSource, **kwargs: Any) -> torch.nn.Module:
     """Hub and folders through from_pretrained; test specs and bare files from a config."""
     if source.kind in ("dir", "hub"):
         where = source.path if source.kind == "dir" else spec.model_id
@@ -79,7 +85,8 @@ def _load(cls, spec: EncoderSpec, source: WeightsSource, **kwargs) -> torch.nn.M
     return model
 
 
-def _check_keys(spec: EncoderSpec, where, model, missing, unexpected) -> None:
+def _check_keys(spec: EncoderSpec, where: str | Path, model: torch.nn.Module,
+                missing: Iterable[str], unexpected: Sequence[str]) -> None:
     """Weights that leave parts of the encoder at random init are an error, not a warning.
     A missing pooler is fine: pooling is ours, the checkpoint's pooler head is never used."""
     missing = sorted(k for k in missing if not k.split(".")[0] == "pooler"
@@ -108,7 +115,7 @@ def processor_source(spec: EncoderSpec, source: WeightsSource, marker: str) -> s
     return spec.model_id
 
 
-def load_config(spec: EncoderSpec, source: WeightsSource):
+def load_config(spec: EncoderSpec, source: WeightsSource) -> PretrainedConfig:
     """The config of an ``hf:`` id (no weights), to decide modality and adapter."""
     from transformers import AutoConfig
 

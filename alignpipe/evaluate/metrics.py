@@ -13,10 +13,15 @@ Every percentage is of queries: ``100 · hits / queries``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from alignpipe.methods.space import Encoded
 
 TIE_RULE = ("pessimistic: a wrong candidate scoring exactly as high as the best correct one "
             "ranks above it; a non-finite score ranks below every finite one")
@@ -103,7 +108,8 @@ class Links:
         return out
 
 
-def chunked_ranks(score_rows, links: Links, chunk: int = 4096) -> torch.Tensor:
+def chunked_ranks(score_rows: Callable[[int, int], torch.Tensor], links: Links,
+                  chunk: int = 4096) -> torch.Tensor:
     """Ranks of every query item, scoring `chunk` queries at a time.
 
     `score_rows(start, stop)` returns the scores of query items [start, stop) against all
@@ -165,7 +171,7 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, n: int) ->
 
 
 # ---- on encodings -------------------------------------------------------------------------------
-def nonfinite_rows(enc) -> int:
+def nonfinite_rows(enc: Encoded) -> int:
     """How many rows of an encoding (dense tensor or `SparseRows`) hold a NaN or inf."""
     from alignpipe.methods.space import SparseRows
 
@@ -177,7 +183,7 @@ def nonfinite_rows(enc) -> int:
     return int((~torch.isfinite(enc)).reshape(enc.shape[0], -1).any(dim=1).sum())
 
 
-def encoded_ranks(enc_a, enc_b, items_a: np.ndarray, items_b: np.ndarray,
+def encoded_ranks(enc_a: Encoded, enc_b: Encoded, items_a: np.ndarray, items_b: np.ndarray,
                   chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Ranks a→b per item of a and b→a per item of b.
 
@@ -194,7 +200,7 @@ def encoded_ranks(enc_a, enc_b, items_a: np.ndarray, items_b: np.ndarray,
     return forward, backward
 
 
-def encoded_retrieval(enc_a, enc_b, items_a: np.ndarray, items_b: np.ndarray,
+def encoded_retrieval(enc_a: Encoded, enc_b: Encoded, items_a: np.ndarray, items_b: np.ndarray,
                       ks: tuple[int, ...] = RETRIEVAL_KS) -> tuple[dict, dict]:
     forward, backward = encoded_ranks(enc_a, enc_b, items_a, items_b)
     return recalls_from_ranks(forward, ks), recalls_from_ranks(backward, ks)

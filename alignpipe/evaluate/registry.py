@@ -14,10 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alignpipe.util.errors import AlignpipeError
 from alignpipe.util.registry import Registry
+
+if TYPE_CHECKING:
+    from alignpipe.data.store import LatentStore
 
 #: Options every evaluator takes, besides its stores and its own options.
 COMMON_OPTIONS = ("split", "identity", "device", "manifest", "allow_partial")
@@ -102,7 +105,8 @@ def evaluator_spec(kind: str) -> EvaluatorSpec:
     return EVALUATORS.get(kind)
 
 
-def evaluate(kind: str, run, stores: list, **options) -> Evaluation:
+def evaluate(kind: str, run: str | Path | None, stores: list[str | Path | LatentStore],
+             **options: Any) -> Evaluation:
     """Run the evaluator `kind` on `stores` (through the run's heads, or as they are with
     ``identity=True``) and return its `Evaluation`; nothing is written.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from alignpipe.data.pairing import (
@@ -29,11 +31,20 @@ from alignpipe.evaluate.registry import Evaluation, Figure, Table, register_eval
 from alignpipe.methods.space import num_rows
 from alignpipe.util.errors import AlignpipeError
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import torch
+
+    from alignpipe.data.store import LatentStore
+
 
 @register_evaluator("retrieval", stores=("a", "b"),
                     description="recall@1/5/10 both ways between two stores")
-def compute_retrieval(run, store_a, store_b, *, split: str = "test", identity: bool = False,
-                      device=None, manifest: ManifestArg = None,
+def compute_retrieval(run: str | Path | None, store_a: str | Path | LatentStore,
+                      store_b: str | Path | LatentStore, *,
+                      split: str = "test", identity: bool = False,
+                      device: str | torch.device | None = None, manifest: ManifestArg = None,
                       allow_partial: bool = False) -> Evaluation:
     """R@1/5/10 both ways; rows sharing a media item are one item (any of its captions hits).
 

@@ -12,6 +12,8 @@ captions of one image do not count as five neighbours):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,10 @@ from alignpipe.data.pairing import (
     valid_rows,
 )
 from alignpipe.util.errors import AlignpipeError
+
+if TYPE_CHECKING:
+    from alignpipe.data.manifest import Manifest
+    from alignpipe.data.store import LatentStore
 
 KNN_CHUNK = 2048
 
@@ -78,7 +84,8 @@ def _shared_fraction(nx: torch.Tensor, ny: torch.Tensor) -> float:
     return float(shared.double().mean() / nx.shape[1])
 
 
-def _sample_rows(stores, manifest, sample: int, seed: int) -> tuple[np.ndarray, int]:
+def _sample_rows(stores: list[LatentStore], manifest: Manifest, sample: int,
+                 seed: int) -> tuple[np.ndarray, int]:
     """Sorted rows valid in every store, one per media item; and how many were eligible."""
     kept, _ = valid_rows(stores, np.arange(stores[0].rows))
     modalities = {s.modality for s in stores if s.modality in FILE_COLUMNS}
@@ -93,7 +100,7 @@ def _sample_rows(stores, manifest, sample: int, seed: int) -> tuple[np.ndarray, 
     return np.sort(chosen), int(kept.size)
 
 
-def _names(stores) -> list[str]:
+def _names(stores: list[LatentStore]) -> list[str]:
     names = [s.path.name for s in stores]
     if len(set(names)) < len(names):
         names = [f"{s.path.parent.name}/{s.path.name}" for s in stores]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,8 +43,13 @@ from alignpipe.evaluate.registry import Evaluation, Figure, Table, register_eval
 from alignpipe.methods.space import Encoded, group_mean, pairwise_scores, slice_rows
 from alignpipe.util.errors import AlignpipeError
 
+if TYPE_CHECKING:
+    from pathlib import Path
 
-def class_key(query_manifest, prompts_manifest) -> str:
+    from alignpipe.data.manifest import Manifest
+
+
+def class_key(query_manifest: Manifest, prompts_manifest: Manifest) -> str:
     """``class_id`` when both manifests carry one (names may repeat), else ``label``."""
     if query_manifest.has("class_id") and prompts_manifest.has("class_id"):
         return "class_id"
@@ -56,11 +62,11 @@ def class_key(query_manifest, prompts_manifest) -> str:
     return "label"
 
 
-def _keys(manifest, key: str) -> list[str | None]:
+def _keys(manifest: Manifest, key: str) -> list[str | None]:
     return [None if v is None else str(v) for v in manifest.column(key)]
 
 
-def _prompt_classes(prompts: LatentStore, manifest,
+def _prompt_classes(prompts: LatentStore, manifest: Manifest,
                     key: str) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """Valid prompt rows, their class index, class keys in order of first appearance, and a
     display name per class (the label; repeated labels get their class_id added)."""
@@ -90,7 +96,7 @@ def _prompt_classes(prompts: LatentStore, manifest,
     return rows, np.array([index[keys[r]] for r in rows], dtype=np.int64), classes, names
 
 
-def _query_labels(manifest, rows: np.ndarray, classes: list[str], key: str) -> np.ndarray:
+def _query_labels(manifest: Manifest, rows: np.ndarray, classes: list[str], key: str) -> np.ndarray:
     index = {c: i for i, c in enumerate(classes)}
     keys = _keys(manifest, key)
     values = [keys[r] for r in rows]
@@ -102,7 +108,8 @@ def _query_labels(manifest, rows: np.ndarray, classes: list[str], key: str) -> n
     return np.array([index[v] for v in values], dtype=np.int64)
 
 
-def _refuse_swapped(q: LatentStore, p: LatentStore, q_manifest, p_manifest) -> None:
+def _refuse_swapped(q: LatentStore, p: LatentStore, q_manifest: Manifest,
+                    p_manifest: Manifest) -> None:
     """Refuse a prompts store given as the query (the two stores in the wrong order)."""
     looks_swapped = (q.modality == "text" and p.modality != "text") or (
         p_manifest.has("split") and not q_manifest.has("split"))
@@ -134,8 +141,10 @@ def class_scores(queries: Encoded, prompts: Encoded, prompt_class: torch.Tensor,
 
 @register_evaluator("zeroshot", stores=("query", "prompts"), options={"class_embedding": "mean"},
                     description="top-1/top-5 classification of a store by text prompts")
-def compute_zeroshot(run, query_store, prompts_store, *, split: str = "test",
-                     class_embedding: str = "mean", identity: bool = False, device=None,
+def compute_zeroshot(run: str | Path | None, query_store: str | Path | LatentStore,
+                     prompts_store: str | Path | LatentStore, *,
+                     split: str = "test", class_embedding: str = "mean", identity: bool = False,
+                     device: str | torch.device | None = None,
                      manifest: ManifestArg = None, allow_partial: bool = False) -> Evaluation:
     """Top-1/top-5 accuracy of classifying query items by their best-scoring class.
 

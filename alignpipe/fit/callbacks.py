@@ -42,7 +42,7 @@ class FitCallback:
 class Callbacks:
     """The callbacks of one fit, called in the order given; a missing method is a no-op."""
 
-    def __init__(self, callbacks: Iterable = ()):
+    def __init__(self, callbacks: Iterable = ()) -> None:
         self.callbacks = (list(callbacks.callbacks) if isinstance(callbacks, Callbacks)
                           else list(callbacks or ()))
         for callback in self.callbacks:

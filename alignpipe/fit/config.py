@@ -1,99 +1,139 @@
-"""Fit configs: defaults per method, a YAML file and ``key=value`` overrides, type-checked."""
+"""Fit configs: one dataclass per part, a YAML file and ``key=value`` overrides, type-checked.
+
+The keys of a run are those of `CommonConfig`, of `TrainConfig` (trained methods only), of the
+method's config dataclass (``register_method(name, config=...)``) and of its loss's
+(``register_loss``), each declared once with its type, default and range (methods/params.py).
+`resolve_config` merges defaults ← a saved run's config ← a config file ← overrides as OmegaConf
+structured configs: an unknown key is refused by name with the closest known keys, a value of
+the wrong type names the key and the type it needs, and a value out of range says the range.
+Text values (``--set k=v``, or YAML's ``1e-3``, which YAML reads as a string) are parsed as YAML
+for keys that are not strings, so ``--set k=v`` and ``k: v`` in a file give the same value.
+"""
 
 from __future__ import annotations
 
+import difflib
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from alignpipe.methods import method_spec
 from alignpipe.methods.losses import list_losses, loss_spec
+from alignpipe.methods.params import (
+    MAX_BLOCKS,
+    MAX_DIM,
+    MAX_EPOCHS,
+    MAX_EXPANSION,
+    Param,
+    compose,
+    config_defaults,
+    config_params,
+    param,
+)
 from alignpipe.util.errors import AlignpipeError
 from alignpipe.util.yamlsafe import load_yaml
 
-# Keys every method understands.
-COMMON_DEFAULTS = {
-    "seed": 0,
-    "val_fraction": 0.05,     # held out by hash of id when the manifest has no val split
-}
-# Keys of the training loop (trained methods only). Defaults follow the FuseMix release config.
-TRAIN_DEFAULTS = {
-    "epochs": 20,
-    "batch_size": 20480,      # loss pairs per step (FuseMix: 2× this many rows are drawn)
-    "lr": 1.0e-3,
-    "min_lr": 1.0e-6,
-    "warmup_start_lr": 1.0e-6,
-    "warmup_steps": 100,
-    "weight_decay": 0.1,      # weight matrices only
-    "grad_clip": 0.0,         # max grad norm; 0 = off
-    "precision": "auto",      # auto (bf16 autocast on CUDA, fp32 elsewhere), fp32, bf16
-    "storage_dtype": "auto",  # latents on the device: auto (fp16 on GPU, fp32 on CPU), ...
-    "log_every": 10,          # steps between progress-bar loss updates
-    "val_every": 1,           # epochs between validations (= checkpoints); the last always
-}
+__all__ = ["COMMON_DEFAULTS", "MAX_BLOCKS", "MAX_DIM", "MAX_EPOCHS", "MAX_EXPANSION",
+           "PRECISIONS", "STORAGE_DTYPES", "TRAIN_DEFAULTS", "CommonConfig", "TrainConfig",
+           "config_class", "default_config", "resolve_config"]
+
 PRECISIONS = ("auto", "fp32", "bf16")
 STORAGE_DTYPES = ("auto", "float16", "bfloat16", "float32")
-# Bounds on sizes, so a mistyped or hostile config is refused instead of building a model that
-# hangs or exhausts memory (blocks: 1000000). Far above anything the papers use.
-MAX_DIM = 1 << 20         # a latent or output width
-MAX_BLOCKS = 64           # residual blocks per head (FuseMix: 4)
-MAX_EXPANSION = 64        # hidden width / input width (FuseMix: 4)
-MAX_EPOCHS = 1_000_000
-# Bounds checked for every key a method has: (low, high, low inclusive). None = no bound.
-RANGES = {
-    "out_dim": (1, MAX_DIM, True),
-    "blocks": (0, MAX_BLOCKS, True),
-    "expansion": (0, MAX_EXPANSION, False),
-    "dropout": (0, 1, True),
-    "alpha": (0, None, False),
-    "temperature": (0, None, False),
-    "temperature_min": (0, None, False),
-    "temperature_max": (0, None, False),
-    "topk": (1, None, True),
-    "power": (0, None, False),
-    "epochs": (1, MAX_EPOCHS, True),
-    "warmup_steps": (0, None, True),
-    "lr": (0, None, False),
-    "min_lr": (0, None, True),
-    "warmup_start_lr": (0, None, True),
-    "weight_decay": (0, None, True),
-    "grad_clip": (0, None, True),
-    "log_every": (1, None, True),
-}
 
 
-def default_config(method: str) -> dict:
+@dataclass
+class CommonConfig:
+    """Keys every method understands."""
+
+    seed: int = param(0, help="seeds torch and the batch order")
+    val_fraction: float = param(0.05, low=0, high=1, high_open=True,
+                                help="held out by hash of id when the manifest has no val split")
+
+
+@dataclass
+class TrainConfig:
+    """Keys of the training loop (trained methods only); defaults follow the FuseMix release."""
+
+    epochs: int = param(20, low=1, high=MAX_EPOCHS)
+    batch_size: int = param(20480, low=2, note="a contrastive loss needs two pairs per batch",
+                            help="loss pairs per step (FuseMix: 2× this many rows are drawn)")
+    lr: float = param(1.0e-3, low=0, low_open=True, help="peak learning rate")
+    min_lr: float = param(1.0e-6, low=0, help="where the cosine ends")
+    warmup_start_lr: float = param(1.0e-6, low=0, help="where the linear warmup starts")
+    warmup_steps: int = param(100, low=0)
+    weight_decay: float = param(0.1, low=0, help="AdamW's, on weight matrices only")
+    grad_clip: float = param(0.0, low=0, help="max grad norm; 0 = off")
+    precision: str = param("auto", choices=PRECISIONS,
+                           help="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    storage_dtype: str = param("auto", choices=STORAGE_DTYPES,
+                               help="latents on the device; auto: fp16 on GPU, fp32 on CPU")
+    log_every: int = param(10, low=1, help="steps between progress-bar loss updates")
+    val_every: int = param(1, low=1,
+                           help="epochs between validations (= checkpoints); the last always")
+
+
+COMMON_DEFAULTS = config_defaults(CommonConfig)
+TRAIN_DEFAULTS = config_defaults(TrainConfig)
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def config_class(method: str, loss: str | None = None) -> type:
+    """The dataclass of every key a run of `method` reads: the common keys, the loop's (when
+    trained), the method's and, when `loss` is given, that loss's (a key the method declares
+    itself keeps the method's declaration)."""
     spec = method_spec(method)
-    return {**COMMON_DEFAULTS, **(TRAIN_DEFAULTS if spec.trained else {}), **spec.defaults}
+    parts = (CommonConfig, *((TrainConfig,) if spec.trained else ()), spec.config,
+             *((loss_spec(loss).config,) if loss is not None else ()))
+    return _composed(method, parts)
 
 
-def _coerce(key: str, value, default):
-    """Parse a --set string and check it has the type of the default."""
-    if isinstance(value, str) and not isinstance(default, str):
-        text = value
-        value = load_yaml(value, f"--set {key}") if value != "" else None
-        if isinstance(value, str) and isinstance(default, (int, float)):
-            try:  # YAML reads 1e-3 (no dot) as a string
-                value = float(text)
-            except ValueError:
-                pass
-    if default is None:
-        return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise AlignpipeError(f"config key {key}: expected true or false, got {value!r}")
-        return value
-    if isinstance(default, int) and not isinstance(value, bool):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not isinstance(value, int):
-            raise AlignpipeError(f"config key {key}: expected an integer, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise AlignpipeError(f"config key {key}: expected a number, got {value!r}")
-        return float(value)
-    if isinstance(default, str) and not isinstance(value, str):
-        raise AlignpipeError(f"config key {key}: expected a string, got {value!r}")
-    return value
+@lru_cache(maxsize=128)
+def _composed(method: str, parts: tuple[type, ...]) -> type:
+    return compose(f"{method}_fit_config", parts)
+
+
+@lru_cache(maxsize=128)
+def _structured(schema: type) -> DictConfig:
+    # Built once per schema (the slow part of a resolve) and never changed: a merge copies it.
+    return OmegaConf.structured(schema)
+
+
+def default_config(method: str) -> dict[str, Any]:
+    """Every key of `method` with its default (its default loss's keys included)."""
+    return config_defaults(config_class(method, _chosen_loss(method, ())))
+
+
+def resolve_config(method: str, config: str | Path | dict | None = None,
+                   overrides: dict | None = None, base: dict | None = None) -> dict[str, Any]:
+    """Defaults ← `base` (a saved run's config) ← `config` (a YAML file or a mapping) ←
+    `overrides` (``--set`` and the common flags), type- and range-checked, keys in declaration
+    order (the order config.yaml records them in)."""
+    file_label = str(config) if isinstance(config, (str, Path)) else "fit config"
+    sources = (("saved run config", dict(base or {})),
+               (file_label, _config_file(config, method)),
+               ("--set", dict(overrides or {})))
+    schema = config_class(method, _chosen_loss(method, sources))
+    params = {p.name: p for p in config_params(schema)}
+    merged = _structured(schema)
+    for source, values in sources:
+        typed = {}
+        for key, value in values.items():
+            if key not in params:
+                raise AlignpipeError(f"{source}: unknown key {key!r} for method {method}"
+                                     f"{_did_you_mean(key, params)}; known keys: "
+                                     f"{', '.join(sorted(params))}")
+            typed[key] = _typed(source, params[key], value)
+        if typed:
+            merged = _merge(merged, typed, source)
+    resolved = OmegaConf.to_container(merged, resolve=False)
+    problems = [why for p in params.values() for why in [p.problem(resolved[p.name])] if why]
+    if problems:
+        raise AlignpipeError("fit config: " + "; ".join(problems))
+    return resolved
 
 
 def _config_file(config: str | Path | dict | None, method: str) -> dict:
@@ -115,69 +155,60 @@ def _config_file(config: str | Path | dict | None, method: str) -> dict:
     return data
 
 
-def resolve_config(method: str, config: str | Path | dict | None = None,
-                   overrides: dict | None = None, base: dict | None = None) -> dict:
-    """Defaults ← `base` (a saved run's config) ← config file ← overrides (``--set`` and the
-    common flags), type- and range-checked."""
-    sources = (("saved run config", dict(base or {})),
-               ("config file", _config_file(config, method)),
-               ("--set", overrides or {}))
-    defaults = _with_loss_keys(default_config(method), sources)
-    resolved = dict(defaults)
-    for source, values in sources:
-        for key, value in values.items():
-            if key not in resolved:
-                raise AlignpipeError(
-                    f"{source}: unknown key {key!r} for method {method}; known keys: "
-                    f"{', '.join(sorted(resolved))}")
-            resolved[key] = _coerce(key, value, defaults[key])
-    _check_ranges(resolved)
-    return resolved
-
-
-def _with_loss_keys(defaults: dict, sources) -> dict:
-    """`defaults` plus the config keys of the loss the sources choose (a trained method's
-    ``loss`` key; the last source that sets it wins), after checking it is registered."""
-    if "loss" not in defaults:
-        return defaults
-    name = defaults["loss"]
+def _chosen_loss(method: str, sources: tuple) -> str | None:
+    """The loss whose keys a run of `method` also has: the method's ``loss`` default, or the
+    last source that sets it; None for a method without a loss key or a loss that is not text
+    (refused by type later)."""
+    own = {p.name: p for p in config_params(config_class(method))}
+    if "loss" not in own:
+        return None
+    name = own["loss"].default
     for _, values in sources:
         name = values.get("loss", name)
     if not isinstance(name, str):
-        return defaults  # _coerce refuses it by name
+        return None
     if name not in list_losses():
         raise AlignpipeError(f"fit config: loss must be one of {', '.join(list_losses())} "
                              f"(got {name!r})")
-    extra = {k: v for k, v in loss_spec(name).defaults.items() if k not in defaults}
-    return {**defaults, **extra}
+    return name
 
 
-def _outside(key: str, value, bounds: tuple) -> str | None:
-    low, high, inclusive = bounds
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if value != value or (low is not None and (value < low or (value == low and not inclusive))) \
-            or (high is not None and value > high):
-        lo = f"{'[' if inclusive else '('}{low}"
-        hi = f"{high}]" if high is not None else "∞)"
-        return f"{key} must be in {lo}, {hi} (got {value})"
-    return None
+def _did_you_mean(key: object, known: dict) -> str:
+    close = difflib.get_close_matches(str(key), sorted(known), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
-def _check_ranges(cfg: dict) -> None:
-    problems = [p for key, bounds in RANGES.items() if key in cfg
-                for p in [_outside(key, cfg[key], bounds)] if p]
-    if "dropout" in cfg and cfg["dropout"] == 1:
-        problems.append("dropout must be < 1 (got 1)")
-    if "batch_size" in cfg and cfg["batch_size"] < 2:
-        problems.append(f"batch_size must be ≥ 2 for a contrastive loss (got {cfg['batch_size']})")
-    if "val_every" in cfg and cfg["val_every"] < 1:
-        problems.append(f"val_every must be ≥ 1 (got {cfg['val_every']})")
-    if cfg.get("precision", "auto") not in PRECISIONS:
-        problems.append(f"precision must be one of {', '.join(PRECISIONS)}")
-    if cfg.get("storage_dtype", "auto") not in STORAGE_DTYPES:
-        problems.append(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}")
-    if not 0 <= cfg["val_fraction"] < 1:
-        problems.append(f"val_fraction must be in [0, 1) (got {cfg['val_fraction']})")
-    if problems:
-        raise AlignpipeError("fit config: " + "; ".join(problems))
+def _typed(source: str, p: Param, value: Any) -> Any:
+    """`value` as the key's declared type: text parsed as YAML for keys that are not strings
+    (``1e-3``, which YAML leaves a string, read as a number), an integral float for an integer
+    key; anything else of the wrong type is refused, naming the key and the type."""
+    if isinstance(value, str) and p.kind is not str:
+        text = value
+        where = f"--set {p.name}" if source == "--set" else f"{source}: {p.name}"
+        value = load_yaml(value, where) if value != "" else None
+        if isinstance(value, str) and p.kind in (int, float):
+            try:
+                value = float(text)
+            except ValueError:
+                pass
+    if value is None and p.optional or p.kind is Any:
+        return value
+    if p.kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    fits = {bool: isinstance(value, bool), int: number and isinstance(value, int),
+            float: number, str: isinstance(value, str)}[p.kind]
+    if not fits:
+        raise AlignpipeError(f"{source}: config key {p.name}: expected {_EXPECTED[p.kind]}"
+                             f"{' or null' if p.optional else ''}, got {value!r}")
+    return float(value) if p.kind is float else value
+
+
+def _merge(merged: DictConfig, values: dict, source: str) -> DictConfig:
+    """`values` over `merged`; OmegaConf checks every key and type again."""
+    try:
+        return OmegaConf.merge(merged, values)
+    except OmegaConfBaseException as err:  # e.g. a string OmegaConf reads as an interpolation
+        message = str(getattr(err, "msg", err)).splitlines()[0]
+        raise AlignpipeError(f"{source}: config key {getattr(err, 'full_key', '?')}: "
+                             f"{message}") from None

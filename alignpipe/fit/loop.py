@@ -11,7 +11,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +39,16 @@ from alignpipe.fit.runfolder import (
 from alignpipe.methods.base import Pairs, TrainedMethod
 from alignpipe.util.errors import AlignpipeError
 from alignpipe.util.progress import progress_bar
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
+    from alignpipe.fit.callbacks import FitCallback
+    from alignpipe.methods.base import Method
+
+    Checkpoint = tuple[dict[str, torch.Tensor], dict]
+    Bar = tuple[Progress, TaskID] | None
 
 CPU_MEMORY_BUDGET = 4 << 30   # bytes of activations a CPU step may use before we shrink it
 CHECKPOINT_FORMAT = "alignpipe-checkpoint-1"
@@ -106,7 +118,8 @@ def _after_epoch(epoch: int) -> None:
     """Hook called after each epoch's checkpoint; tests replace it to simulate a kill."""
 
 
-def _optimizer_tensors(method: TrainedMethod, optimizer) -> dict[str, torch.Tensor]:
+def _optimizer_tensors(method: TrainedMethod,
+                       optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     names = {id(p): n for n, p in method.named_parameters()}
     out = {}
     for param, state in optimizer.state.items():
@@ -115,7 +128,8 @@ def _optimizer_tensors(method: TrainedMethod, optimizer) -> dict[str, torch.Tens
     return out
 
 
-def _load_optimizer(method: TrainedMethod, optimizer, tensors: dict[str, torch.Tensor]) -> None:
+def _load_optimizer(method: TrainedMethod, optimizer: torch.optim.Optimizer,
+                    tensors: dict[str, torch.Tensor]) -> None:
     named = list(method.named_parameters())
     device = named[0][1].device
     for name, param in named:
@@ -130,7 +144,8 @@ class Trainer:
     """The one training loop. fit() hands an instance to a trained method as its `loop`."""
 
     def __init__(self, out: Path, config: dict, device: torch.device, log: RunLog,
-                 progress: bool, names: tuple[str, str], resume: bool, callbacks=()):
+                 progress: bool, names: tuple[str, str], resume: bool,
+                 callbacks: Callbacks | Iterable[FitCallback] = ()) -> None:
         self.out, self.cfg, self.device, self.log = out, config, device, log
         self.progress, self.names, self.resume = progress, names, resume
         self.callbacks = callbacks if isinstance(callbacks, Callbacks) else Callbacks(callbacks)
@@ -140,7 +155,7 @@ class Trainer:
         self.pairs_seen = 0
 
     # ---- setup --------------------------------------------------------------------------------
-    def _autocast(self):
+    def _autocast(self) -> torch.autocast:
         precision = self.cfg["precision"]
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
@@ -148,7 +163,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
                               enabled=precision == "bf16")
 
-    def _schedule(self, method, batch: int, n_rows: int) -> dict:
+    def _schedule(self, method: TrainedMethod, batch: int, n_rows: int) -> dict:
         rows_per_step = batch * method.rows_per_pair
         steps = n_rows // rows_per_step
         total = steps * self.cfg["epochs"]
@@ -162,7 +177,7 @@ class Trainer:
         self.steps_per_epoch, self.total_steps = plan["steps_per_epoch"], plan["total_steps"]
         self.warmup = plan["warmup"]
 
-    def _plan(self, method, n_rows: int, saved: dict | None) -> None:
+    def _plan(self, method: TrainedMethod, n_rows: int, saved: dict | None) -> None:
         if saved is not None:
             self._reuse_plan(method, n_rows, saved)
             return
@@ -177,7 +192,7 @@ class Trainer:
             self.log(f"warmup: {self.warmup} steps (half the run) instead of "
                      f"{self.cfg['warmup_steps']}")
 
-    def _reuse_plan(self, method, n_rows: int, saved: dict) -> None:
+    def _reuse_plan(self, method: TrainedMethod, n_rows: int, saved: dict) -> None:
         """A resume takes the checkpoint's batch and schedule as they were, or refuses."""
         path = self.out / CHECKPOINT
         batch = saved.get("batch")
@@ -201,7 +216,7 @@ class Trainer:
                      f"memory free now (it is kept so the run continues unchanged)")
         self.log(line)
 
-    def _read_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+    def _read_checkpoint(self) -> Checkpoint | None:
         """The checkpoint's tensors and metadata on a resume; None on a fresh run."""
         path = self.out / CHECKPOINT
         if not (self.resume and path.exists()):
@@ -223,7 +238,8 @@ class Trainer:
                                  f"--overwrite")
         return tensors, meta
 
-    def _restore(self, method, optimizer, checkpoint) -> tuple[int, float, int]:
+    def _restore(self, method: TrainedMethod, optimizer: torch.optim.Optimizer,
+                 checkpoint: Checkpoint | None) -> tuple[int, float, int]:
         """Epochs already done, best val value and its epoch (nothing done on a fresh run)."""
         done, best, best_epoch = 0, -math.inf, 0
         if checkpoint is not None:
@@ -246,7 +262,7 @@ class Trainer:
         return done, best, best_epoch
 
     # ---- the loop -----------------------------------------------------------------------------
-    def __call__(self, method, train: Pairs, val: Pairs) -> None:
+    def __call__(self, method: TrainedMethod, train: Pairs, val: Pairs) -> None:
         checkpoint = self._read_checkpoint()
         saved_plan = checkpoint[1]["plan"] if checkpoint else None
         if checkpoint and saved_plan is None:
@@ -276,7 +292,8 @@ class Trainer:
     def _emit(self, event: str) -> None:
         self.callbacks.emit(event, self.out, self.history, self.names)
 
-    def _train_epoch(self, method, optimizer, train: Pairs, epoch: int, autocast, bar) -> float:
+    def _train_epoch(self, method: TrainedMethod, optimizer: torch.optim.Optimizer,
+                     train: Pairs, epoch: int, autocast: torch.autocast, bar: Bar) -> float:
         seed = _epoch_seed(self.cfg["seed"], epoch)
         torch.manual_seed(seed)  # dropout
         gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -335,7 +352,8 @@ class Trainer:
         self.log(message)
         raise DivergedError(message)
 
-    def _show(self, bar, step: int, loss: torch.Tensor, started: float, epoch: int) -> None:
+    def _show(self, bar: Bar, step: int, loss: torch.Tensor, started: float,
+              epoch: int) -> None:
         progress, task = bar
         fields = {}
         if step % self.cfg["log_every"] == 0 or step == self.steps_per_epoch - 1:
@@ -344,7 +362,8 @@ class Trainer:
         progress.update(task, advance=1, description=f"epoch {epoch + 1}/{self.cfg['epochs']}",
                         **fields)
 
-    def _end_epoch(self, method, optimizer, val: Pairs, epoch: int, loss: float) -> None:
+    def _end_epoch(self, method: TrainedMethod, optimizer: torch.optim.Optimizer, val: Pairs,
+                   epoch: int, loss: float) -> None:
         val_metrics = validate(method, val, self.names)
         record = {"epoch": epoch, "step": epoch * self.steps_per_epoch, "train_loss": loss,
                   "lr": self.last_lr, **method.log_values(),
@@ -383,38 +402,40 @@ class Trainer:
 
 
 class _NoBar:
-    def __enter__(self):
+    def __enter__(self) -> None:
         return None
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> bool:
         return False
 
 
 class _Bar:
-    def __init__(self, total: int, completed: int, console):
+    def __init__(self, total: int, completed: int, console: Console | None) -> None:
         self.progress = progress_bar("loss {task.fields[loss]}", "{task.fields[rate]} pairs/s",
                                      console=console)
         self.task = self.progress.add_task("training", total=total, completed=completed,
                                            loss="–", rate="–")
 
-    def __enter__(self):
+    def __enter__(self) -> tuple[Progress, TaskID]:
         self.progress.__enter__()
         return self.progress, self.task
 
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
 
 
-def _progress_bar(show: bool, total: int, completed: int, console):
+def _progress_bar(show: bool, total: int, completed: int,
+                  console: Console | None) -> _Bar | _NoBar:
     return _Bar(total, completed, console) if show else _NoBar()
 
 
 # ---- validation ---------------------------------------------------------------------------------
 def direction_names(names: tuple[str, str]) -> tuple[str, str]:
+    """The two retrieval directions' names, e.g. ``image_to_text``, ``text_to_image``."""
     return f"{names[0]}_to_{names[1]}", f"{names[1]}_to_{names[0]}"
 
 
-def validate(method, val: Pairs, names: tuple[str, str]) -> dict:
+def validate(method: Method, val: Pairs, names: tuple[str, str]) -> dict:
     """Recall@1/5/10 both ways on the val pairs, plus their mean (the selection criterion)."""
     if len(val) == 0:
         return {}

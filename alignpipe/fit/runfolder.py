@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -28,6 +30,15 @@ from alignpipe.util.fsutil import (
     remove_temp_files,
 )
 from alignpipe.util.yamlsafe import YamlInputError, load_yaml
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from alignpipe.data.store import LatentStore
+    from alignpipe.methods.asif import Asif
+    from alignpipe.methods.base import Method
+
+    StoreLike = str | Path | LatentStore
 
 CONFIG, LOG, METRICS, SUMMARY = "config.yaml", "log.txt", "metrics.jsonl", "run.json"
 HEADS_BEST, HEADS_LAST = "heads-best.safetensors", "heads-last.safetensors"
@@ -87,7 +98,7 @@ class FitSummary:
 LOCATION_KEYS = ("path", "relative_path")
 
 
-def store_identity(store, out=None) -> dict:
+def store_identity(store: LatentStore, out: str | Path | None = None) -> dict:
     """A store as a run records it: where it is (its absolute path and, given the run folder
     `out`, its path relative to that folder when both lie under one folder below the filesystem
     root) and what it is (modality, dim, rows, encoder, manifest sha256)."""
@@ -101,7 +112,7 @@ def store_identity(store, out=None) -> dict:
             "manifest_sha256": store.manifest_info.get("sha256")}
 
 
-def _relative_location(path: Path, out) -> str | None:
+def _relative_location(path: Path, out: str | Path) -> str | None:
     out = Path(out).resolve()
     try:
         common = Path(os.path.commonpath([path, out]))
@@ -110,7 +121,8 @@ def _relative_location(path: Path, out) -> str | None:
     return None if common == Path(common.anchor) else os.path.relpath(path, out)
 
 
-def run_identity(method: str, config: dict, a, b, out=None) -> dict:
+def run_identity(method: str, config: dict, a: LatentStore, b: LatentStore,
+                 out: str | Path | None = None) -> dict:
     """Everything that decides a run's result (same identity, same run), plus where its stores
     lie (see `store_identity`; `same_identity` leaves that out)."""
     return {"method": method,
@@ -144,10 +156,11 @@ def same_identity(old: dict, new: dict) -> bool:
 
 
 def identity_differences(old: dict, new: dict) -> list[str]:
+    """Each difference of what two runs are, as ``key: old → new``."""
     return _differences(*_comparable(old, new))
 
 
-def store_locations(out, record: dict) -> list[Path]:
+def store_locations(out: str | Path, record: dict) -> list[Path]:
     """Where a run's store may be: relative to the run folder first (a project moved or copied
     as a whole), then at the absolute path recorded when the run was made."""
     found = []
@@ -157,7 +170,7 @@ def store_locations(out, record: dict) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def _store_differences(record: dict, store) -> list[str]:
+def _store_differences(record: dict, store: LatentStore) -> list[str]:
     want = {k: v for k, v in record.items() if k not in (*LOCATION_KEYS, "partial")}
     found = _what({"stores": {"x": store_identity(store)}})["stores"]["x"]
     if "rows" not in want:
@@ -165,7 +178,8 @@ def _store_differences(record: dict, store) -> list[str]:
     return _differences(want, found)
 
 
-def locate_store(out, record: dict, side: str, hint: str, candidates=()):
+def locate_store(out: str | Path, record: dict, side: str, hint: str,
+                 candidates: Iterable[StoreLike] = ()) -> LatentStore:
     """The store a run recorded for `side`, wherever it lies now: relative to the run folder,
     at its recorded path, or among `candidates` (stores given with the command), whichever is
     that store by what it is. Otherwise a StoreError naming the store, where it was looked for,
@@ -222,7 +236,8 @@ def _atomic_write(path: Path, data: bytes | str) -> None:
     atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor],
+                 metadata: dict | None = None) -> None:
     """safetensors, atomically: a kill leaves the old file or the new one, never half of one."""
     with atomic_path(path) as tmp:
         try:
@@ -255,6 +270,8 @@ def read_identity(out: Path) -> dict | None:
                              f"config was expected, found a {type(data).__name__}")
     identity = {k: data.get(k) for k in ("method", "stores", "config")}
     _check_identity(identity, path)
+    if data.get("select"):  # a fit on curated rows (`fit --select`)
+        identity["select"] = data["select"]
     return identity
 
 
@@ -262,7 +279,7 @@ def _check_identity(identity: dict, path: Path) -> None:
     """Refuse a config.yaml whose values are of the wrong kind or out of range."""
     from alignpipe.methods import is_registered
 
-    def bad(what: str):
+    def bad(what: str) -> AlignpipeError:
         return AlignpipeError(f"{path}: damaged run config: {what}")
 
     method, stores, config = identity["method"], identity["stores"], identity["config"]
@@ -301,26 +318,34 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def run_state(out, store_a, store_b, *, method: str, config=None, overrides=None) -> str:
+def run_state(out: str | Path, store_a: StoreLike, store_b: StoreLike, *, method: str,
+              config: str | Path | dict | None = None, overrides: dict | None = None,
+              select: str | Path | Iterable[str | Path] | None = None) -> str:
     """``missing``, ``complete``, ``incomplete`` (same run, killed) or ``different``."""
     old = read_identity(Path(out))
     if old is None:
         return "missing"
     a, b = as_store(store_a), as_store(store_b)
-    if not same_identity(old, run_identity(method, resolve_config(method, config, overrides),
-                                           a, b)):
+    identity = run_identity(method, resolve_config(method, config, overrides), a, b)
+    if select:  # a fit on selections is that fit only with the same selections
+        from alignpipe.curate.selection import selection_identity
+
+        identity["select"] = selection_identity(select)
+    if not same_identity(old, identity):
         return "different"
     return "complete" if (Path(out) / SUMMARY).exists() else "incomplete"
 
 
-def run_is_complete(out, store_a, store_b, *, method: str, config=None, overrides=None) -> bool:
+def run_is_complete(out: str | Path, store_a: StoreLike, store_b: StoreLike, *, method: str,
+                    config: str | Path | dict | None = None,
+                    overrides: dict | None = None) -> bool:
     """True when `out` holds a finished run with this exact resolved config and these stores."""
     return run_state(out, store_a, store_b, method=method, config=config,
                      overrides=overrides) == "complete"
 
 
 @contextmanager
-def run_lock(out: Path):
+def run_lock(out: Path) -> Iterator[None]:
     """One writer per run folder: a second `fit` into it (say a `fit --resume` started while the
     first still runs) is refused instead of appending a second copy of the metrics."""
     out = Path(out).absolute()
@@ -420,13 +445,13 @@ def _retune(out: Path, old: dict, identity: dict) -> bool:
 class RunLog:
     """Lines to ``log.txt`` and, when showing progress, to the terminal."""
 
-    def __init__(self, path: Path, echo: bool):
+    def __init__(self, path: Path, echo: bool) -> None:
         self.path = path
         self.echo = echo
-        self._console = None
+        self._console: Console | None = None
 
     @property
-    def console(self):
+    def console(self) -> Console:
         """The terminal console; the progress bar shares it so log lines print above it."""
         if self._console is None:
             from rich.console import Console
@@ -478,6 +503,7 @@ def read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
 
 
 def read_tensor_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata, or one line naming it when it is damaged."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
@@ -486,7 +512,7 @@ def read_tensor_metadata(path: Path) -> dict[str, str]:
                              f"({' '.join(str(err).split())[:160]})") from None
 
 
-def load_into(method, tensors: dict[str, torch.Tensor], path: Path, what: str) -> None:
+def load_into(method: Method, tensors: dict[str, torch.Tensor], path: Path, what: str) -> None:
     """Load saved tensors into a method, naming the file when they do not fit its heads."""
     try:
         method.load_state_tensors(tensors)
@@ -503,13 +529,15 @@ class LoadedRun:
     identity: dict
 
     def side_of(self, modality: str) -> str | None:
+        """The side (a or b) whose store holds `modality`, or None."""
         for side in ("a", "b"):
             if self.identity["stores"][side]["modality"] == modality:
                 return side
         return None
 
 
-def load_run(run, device=None, which: str = "best", stores=()) -> LoadedRun:
+def load_run(run: str | Path, device: str | torch.device | None = None, which: str = "best",
+             stores: Iterable[StoreLike] = ()) -> LoadedRun:
     """Rebuild a fitted method from its run folder (heads, or asif's anchors from the stores).
 
     An asif run reads its anchors from the stores it was fitted on, found relative to the run
@@ -534,8 +562,8 @@ def load_run(run, device=None, which: str = "best", stores=()) -> LoadedRun:
     return LoadedRun(path, method.to(dev), identity)
 
 
-def _load_anchors(method, path: Path, stores: dict, device: torch.device, cfg: dict,
-                  candidates=()) -> None:
+def _load_anchors(method: Asif, path: Path, stores: dict, device: torch.device, cfg: dict,
+                  candidates: Iterable[StoreLike] = ()) -> None:
     from alignpipe.data.pairing import load_rows
 
     load_into(method, read_tensors(path / ANCHORS, "anchor list"), path / ANCHORS,

@@ -11,15 +11,26 @@ bounded by ``QUERY_CHUNK × ANCHOR_BLOCK`` scores whatever the number of anchors
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from alignpipe.methods.base import Loop, Pairs, check_side
+from alignpipe.methods.params import param
 from alignpipe.methods.registry import register_method
 from alignpipe.methods.space import SparseRows
 
-ASIF_DEFAULTS = {"topk": 800, "power": 8.0}
+
+@dataclass
+class AsifConfig:
+    """`asif`'s keys (the paper's defaults)."""
+
+    topk: int = param(800, low=1, help="similarities kept per query")
+    power: float = param(8.0, low=0, low_open=True, help="the kept similarities' exponent")
+
+
 QUERY_CHUNK = 1024
 ANCHOR_BLOCK = 65536
 
@@ -50,7 +61,7 @@ class Asif:
     name = "asif"
     trained = False
 
-    def __init__(self, config: dict, dim_a: int, dim_b: int):
+    def __init__(self, config: dict, dim_a: int, dim_b: int) -> None:
         self.config = config
         self.topk = int(config["topk"])
         self.power = float(config["power"])
@@ -113,7 +124,8 @@ class Asif:
         return self
 
 
-@register_method("asif", defaults=ASIF_DEFAULTS, trained=False,
+@register_method("asif", config=AsifConfig, trained=False,
                  description="training-free: sparse relative representations to anchor pairs")
 def build_asif(config: dict, dim_a: int, dim_b: int) -> Asif:
+    """The training-free method; its anchors come with `fit`."""
     return Asif(config, dim_a, dim_b)

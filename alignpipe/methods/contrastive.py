@@ -8,6 +8,8 @@ handed to `fit`, and uses only the `TrainedMethod` protocol (base.py), which thi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -17,7 +19,8 @@ from torch import nn
 
 from alignpipe.methods.base import Loop, Pairs, check_side
 from alignpipe.methods.heads import Standardize, input_dim, matmul_flops_per_row
-from alignpipe.methods.losses import DEFAULT_LOSS, TEMPERATURE_DEFAULTS, Loss, build_loss
+from alignpipe.methods.losses import DEFAULT_LOSS, InfoNCEConfig, Loss, build_loss
+from alignpipe.methods.params import param
 
 ENCODE_CHUNK = 16384
 
@@ -38,10 +41,12 @@ def loss_from(config: dict) -> Loss:
 
 
 class HeadsMethod:
+    """Two heads, a loss and an optional batch transform: every trained built-in method."""
+
     trained = True
 
     def __init__(self, name: str, config: dict, head_a: nn.Module, head_b: nn.Module,
-                 loss: Loss, transform: BatchTransform | None = None):
+                 loss: Loss, transform: BatchTransform | None = None) -> None:
         self.name = name
         self.config = config
         self.loss = loss
@@ -89,7 +94,7 @@ class HeadsMethod:
         """Per-epoch values for metrics.jsonl besides the loss (infonce: the temperature)."""
         return self.loss.log_values()
 
-    def named_parameters(self):
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(name, parameter) of everything trained, named as in `state_tensors`."""
         return self.model.named_parameters()
 
@@ -101,9 +106,9 @@ class HeadsMethod:
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """Decay weight matrices only; biases, LayerNorms and the temperature are left alone."""
         decay, keep = [], []
-        for param in self.model.parameters():
-            if param.requires_grad:
-                (decay if param.ndim >= 2 else keep).append(param)
+        for parameter in self.model.parameters():
+            if parameter.requires_grad:
+                (decay if parameter.ndim >= 2 else keep).append(parameter)
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": keep, "weight_decay": 0.0}]
 
@@ -161,11 +166,19 @@ class HeadsMethod:
         return self
 
 
-# Config keys every trained method understands (the loop's own keys live in fit.py).
-LOSS_DEFAULTS = {
-    "loss": DEFAULT_LOSS,       # a registered loss (losses.py); its own keys come with it
-    **TEMPERATURE_DEFAULTS,     # infonce's (FuseMix: 0.07, clamped into [0.001, 0.5])
+@dataclass
+class LossChoice:
+    """The ``loss`` key: a registered loss (losses.py), whose own keys come with it."""
+
+    loss: str = param(DEFAULT_LOSS, help="a registered loss; its own config keys come with it")
+
+
+@dataclass
+class ContrastiveConfig(InfoNCEConfig, LossChoice):
+    """The keys every `HeadsMethod` reads: loss, infonce's temperature keys (FuseMix: 0.07,
+    clamped into [0.001, 0.5]) and standardize, in that order (a dataclass lists the fields of
+    its bases last base first, then its own)."""
+
     # Standardise each latent feature with train-split statistics before the heads (off in
     # the papers' code); helps encoders whose latents sit in a narrow cone.
-    "standardize": False,
-}
+    standardize: bool = param(False, help="standardise each latent feature before the heads")

@@ -8,12 +8,23 @@ mixed pairs. ``keep_unmixed`` adds the InfoNCE of the 2B clean pairs and average
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from alignpipe.methods.contrastive import HeadsMethod, loss_from
-from alignpipe.methods.mlp import MLP_DEFAULTS, mlp_heads
+from alignpipe.methods.mlp import MLPConfig, mlp_heads
+from alignpipe.methods.params import param
 from alignpipe.methods.registry import register_method
+
+
+@dataclass
+class FuseMixConfig(MLPConfig):
+    """`mlp`'s keys, then the mixup's."""
+
+    alpha: float = param(1.0, low=0, low_open=True, help="λ ~ Beta(alpha, alpha)")
+    keep_unmixed: bool = param(False, help="also the loss of the 2B clean pairs, averaged")
 
 
 class FuseMix:
@@ -21,7 +32,7 @@ class FuseMix:
 
     rows_per_pair = 2
 
-    def __init__(self, alpha: float = 1.0, keep_unmixed: bool = False):
+    def __init__(self, alpha: float = 1.0, keep_unmixed: bool = False) -> None:
         if alpha <= 0:
             raise ValueError(f"fusemix alpha must be > 0, got {alpha}")
         self.alpha = alpha
@@ -37,9 +48,10 @@ class FuseMix:
         return [mixed, (xa, xb)] if self.keep_unmixed else [mixed]
 
 
-@register_method("fusemix", defaults={**MLP_DEFAULTS, "alpha": 1.0, "keep_unmixed": False},
+@register_method("fusemix", config=FuseMixConfig,
                  description="mlp heads + FuseMix latent mixup, λ~Beta(α,α) shared by both sides")
 def build_fusemix(config: dict, dim_a: int, dim_b: int) -> HeadsMethod:
+    """The mlp heads and loss behind a `FuseMix` batch transform."""
     head_a, head_b = mlp_heads(config, dim_a, dim_b)
     mix = FuseMix(float(config["alpha"]), bool(config["keep_unmixed"]))
     return HeadsMethod("fusemix", config, head_a, head_b, loss_from(config), mix)

@@ -10,6 +10,7 @@ MAX_HEAD_PARAMETERS = 1_000_000_000  # refuse before allocating: a typo must not
 
 
 def check_head_size(parameters: int, what: str) -> None:
+    """Refuse (ValueError) a head of more than `MAX_HEAD_PARAMETERS` parameters."""
     if parameters > MAX_HEAD_PARAMETERS:
         raise ValueError(f"{what} would have {parameters:,} parameters, more than the "
                          f"{MAX_HEAD_PARAMETERS:,} alignpipe builds; check blocks, expansion "
@@ -19,14 +20,14 @@ def check_head_size(parameters: int, what: str) -> None:
 class ResidualBlock(nn.Module):
     """``x + Linear(e·d→d)(Dropout(GELU(Linear(d→e·d)(LayerNorm(x)))))``: FuseMix's pre-LN block."""
 
-    def __init__(self, dim: int, expansion: float = 4, dropout: float = 0.0):
+    def __init__(self, dim: int, expansion: float = 4, dropout: float = 0.0) -> None:
         super().__init__()
         hidden = int(expansion * dim)
         self.ln = nn.LayerNorm(dim)
         self.fn = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout),
                                 nn.Linear(hidden, dim))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.fn(self.ln(x))
 
 
@@ -49,7 +50,7 @@ class Standardize(nn.Module):
     raw latents commutes with it.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
         self.register_buffer("mean", torch.zeros(dim))
@@ -85,6 +86,7 @@ def input_dim(head: nn.Module) -> int | None:
 
 
 def linear_head(dim_in: int, out_dim: int, bias: bool = True) -> nn.Module:
+    """One linear map, its size checked first."""
     check_head_size(dim_in * out_dim, "a linear head")
     return nn.Linear(dim_in, out_dim, bias=bias)
 

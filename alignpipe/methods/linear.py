@@ -6,19 +6,31 @@ the other side into its space; the shared dim is then the kept side's dim.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
-from alignpipe.methods.contrastive import LOSS_DEFAULTS, HeadsMethod, loss_from
+from alignpipe.methods.contrastive import ContrastiveConfig, HeadsMethod, loss_from
 from alignpipe.methods.heads import linear_head
+from alignpipe.methods.params import MAX_DIM, param
 from alignpipe.methods.registry import register_method
 from alignpipe.util.errors import AlignpipeError
 
-LINEAR_DEFAULTS = {
-    "out_dim": None,          # None: 512, or the kept side's dim with identity_side
-    "identity_side": None,    # None, "a" or "b"
-    "bias": True,
-    **LOSS_DEFAULTS,
-}
+
+@dataclass
+class LinearHeadsConfig:
+    """The shape of the linear maps."""
+
+    out_dim: int | None = param(None, low=1, high=MAX_DIM,
+                                help="shared width; null: 512, or the kept side's dim")
+    identity_side: str | None = param(None, choices=("a", "b"),
+                                      help="a side kept as it is (the other maps into it)")
+    bias: bool = param(True, help="the maps have a bias")
+
+
+@dataclass
+class LinearConfig(ContrastiveConfig, LinearHeadsConfig):
+    """`linear`'s keys: the maps' first, then the loss's (bases' fields come last base first)."""
 
 
 def _out_dim(config: dict, dims: dict[str, int]) -> int:
@@ -35,9 +47,10 @@ def _out_dim(config: dict, dims: dict[str, int]) -> int:
     return dims[kept]
 
 
-@register_method("linear", defaults=LINEAR_DEFAULTS,
+@register_method("linear", config=LinearConfig,
                  description="one linear map per side (or identity on one side), InfoNCE")
 def build_linear(config: dict, dim_a: int, dim_b: int) -> HeadsMethod:
+    """A linear map per side (or the identity on the kept side) and the configured loss."""
     dims = {"a": dim_a, "b": dim_b}
     out = _out_dim(config, dims)
     heads = {side: nn.Identity() if config.get("identity_side") == side

@@ -1,24 +1,26 @@
 """Contrastive losses, registered by name: symmetric InfoNCE with a learnable, clamped
 temperature (as in the FuseMix code) today.
 
-A loss is a class registered with ``@register_loss(name, defaults=...)``; a trained method builds
-the one its config's ``loss`` key names (``build_loss(config)``). It holds its learnable state as
-one ``nn.Module`` (``state``: saved with the heads under ``loss.*``), maps one batch of paired
-encodings to a scalar (``__call__(za, zb)``), keeps its state in range after each optimiser step
-(``after_step``) and says what to log per epoch (``log_values``). `defaults` are the config keys
-it reads, so ``fit --set`` checks them like the method's own.
+A loss is a class registered with ``@register_loss(name, config=MyLossConfig)``; a trained method
+builds the one its config's ``loss`` key names (``build_loss(config)``). It holds its learnable
+state as one ``nn.Module`` (``state``: saved with the heads under ``loss.*``), maps one batch of
+paired encodings to a scalar (``__call__(za, zb)``), keeps its state in range after each
+optimiser step (``after_step``) and says what to log per epoch (``log_values``). Its config
+dataclass (params.py) declares the keys it reads, so ``fit --set`` checks them like the method's
+own once the loss is chosen.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignpipe.methods.params import config_defaults, config_schema, param
 from alignpipe.util.registry import Registry
 
 
@@ -31,7 +33,7 @@ class Temperature(nn.Module):
     """
 
     def __init__(self, init: float = 0.07, low: float = 0.001, high: float = 0.5,
-                 learnable: bool = True):
+                 learnable: bool = True) -> None:
         super().__init__()
         if not 0 < low <= init <= high:
             raise ValueError(f"temperature {init} must lie in [{low}, {high}] with low > 0")
@@ -79,22 +81,35 @@ class Loss(Protocol):
 
 @dataclass(frozen=True)
 class LossSpec:
-    """How to build a loss from a method's resolved config, and the config keys it reads."""
+    """How to build a loss from a method's resolved config, and the config dataclass of the keys
+    it reads (params.py)."""
 
     name: str
     build: Callable[[dict], Loss]
-    defaults: dict = field(default_factory=dict)
+    config: type
     description: str = ""
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The loss's config keys with their defaults."""
+        return config_defaults(self.config)
 
 
 LOSSES: Registry[LossSpec] = Registry("loss")
 
 
-def register_loss(name: str, *, defaults: dict, description: str = ""):
-    """Decorator: register ``build(config) -> Loss`` (a class or a function) under `name`."""
+def register_loss(name: str, *, config: type | None = None, defaults: dict | None = None,
+                  description: str = "") -> Callable[[Callable[[dict], Loss]],
+                                                     Callable[[dict], Loss]]:
+    """Decorator: register ``build(config) -> Loss`` (a class or a function) under `name`.
 
-    def wrap(build):
-        LOSSES.add(name, LossSpec(name, build, dict(defaults), description))
+    `config` is the dataclass of the config keys the loss reads (params.py); `defaults`, a
+    mapping of key to default, is shorthand for one whose keys take their default's type.
+    """
+    schema = config_schema(name, config, defaults)
+
+    def wrap(build: Callable[[dict], Loss]) -> Callable[[dict], Loss]:
+        LOSSES.add(name, LossSpec(name, build, schema, description))
         return build
 
     return wrap
@@ -116,20 +131,25 @@ def build_loss(config: dict) -> Loss:
 
 
 DEFAULT_LOSS = "infonce"
-TEMPERATURE_DEFAULTS = {
-    "temperature": 0.07,        # FuseMix / CLIP initial value
-    "temperature_min": 0.001,   # FuseMix clamps the temperature into [0.001, 0.5]
-    "temperature_max": 0.5,
-    "learn_temperature": True,
-}
 
 
-@register_loss("infonce", defaults=TEMPERATURE_DEFAULTS,
+@dataclass
+class InfoNCEConfig:
+    """The keys of `InfoNCE`: the temperature's start and clamp (FuseMix: 0.07 in
+    [0.001, 0.5])."""
+
+    temperature: float = param(0.07, low=0, low_open=True, help="initial value (FuseMix, CLIP)")
+    temperature_min: float = param(0.001, low=0, low_open=True, help="clamped from below to this")
+    temperature_max: float = param(0.5, low=0, low_open=True, help="clamped from above to this")
+    learn_temperature: bool = param(True, help="false keeps the temperature fixed")
+
+
+@register_loss("infonce", config=InfoNCEConfig,
                description="symmetric InfoNCE, learnable temperature clamped after each step")
 class InfoNCE:
     """`symmetric_infonce` at a `Temperature` (the state, saved as ``loss.temperature``)."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict) -> None:
         self.state = Temperature(config["temperature"], config["temperature_min"],
                                  config["temperature_max"],
                                  learnable=bool(config["learn_temperature"]))

@@ -7,32 +7,48 @@ so this module never imports a method back.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 from alignpipe.methods.base import Method
+from alignpipe.methods.params import config_defaults, config_schema
 from alignpipe.util.errors import AlignpipeError
 from alignpipe.util.registry import Registry
+
+Builder = Callable[[dict, int, int], Method]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """How to build a method, and the config keys it understands (with defaults)."""
+    """How to build a method, and the dataclass of the config keys it reads (params.py)."""
 
     name: str
-    build: Callable[[dict, int, int], Method]
-    defaults: dict = field(default_factory=dict)
+    build: Builder
+    config: type
     trained: bool = True
     description: str = ""
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The method's own config keys with their defaults (the loop's keys are fit's)."""
+        return config_defaults(self.config)
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
 
 
-def register_method(name: str, *, defaults: dict, trained: bool = True, description: str = ""):
-    """Decorator: register ``build(config, dim_a, dim_b) -> Method`` under `name`."""
+def register_method(name: str, *, config: type | None = None, defaults: dict | None = None,
+                    trained: bool = True, description: str = "") -> Callable[[Builder], Builder]:
+    """Decorator: register ``build(config, dim_a, dim_b) -> Method`` under `name`.
 
-    def wrap(build):
-        METHODS.add(name, MethodSpec(name, build, dict(defaults), trained, description))
+    `config` is the dataclass of the method's own config keys (params.py); `defaults`, a
+    mapping of key to default, is shorthand for one whose keys take their default's type.
+    `trained` methods also get the training loop's keys (fit/config.py).
+    """
+    schema = config_schema(name, config, defaults)
+
+    def wrap(build: Builder) -> Builder:
+        METHODS.add(name, MethodSpec(name, build, schema, trained, description))
         return build
 
     return wrap
@@ -44,10 +60,12 @@ def list_methods(pattern: str = "*") -> list[str]:
 
 
 def is_registered(name: str) -> bool:
+    """Whether a method of this name is registered."""
     return name in METHODS
 
 
 def method_spec(name: str) -> MethodSpec:
+    """The registered method `name`, or an AlignpipeError listing the registered ones."""
     if name not in METHODS:
         raise AlignpipeError(f"unknown method {name!r}; registered: {', '.join(list_methods())}")
     return METHODS.get(name)

@@ -7,7 +7,7 @@ from alignpipe.util.errors import AlignpipeError
 _SEPARATORS = ("/", "\\", "\0")
 
 
-def plain_name_problem(value, what: str) -> str | None:
+def plain_name_problem(value: object, what: str) -> str | None:
     """Why `value` cannot be one path component inside a cache or runs folder (None if it can).
 
     ``../../x``, ``a/b``, ``.``, ``..``, an empty name or a non-string would write outside the
@@ -21,7 +21,7 @@ def plain_name_problem(value, what: str) -> str | None:
     return None
 
 
-def plain_name(value, what: str) -> str:
+def plain_name(value: object, what: str) -> str:
     """`value` when it is a plain single path component; an `AlignpipeError` otherwise."""
     problem = plain_name_problem(value, what)
     if problem:

@@ -3,11 +3,16 @@ elapsed time and time left. rich is imported on first use, so importing this mod
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
 
 
 def progress_bar(*columns: str, description: str = "{task.description}",
-                 speed_unit: str | None = None, console: Any = None, stderr: bool = False) -> Any:
+                 speed_unit: str | None = None, console: Console | None = None,
+                 stderr: bool = False) -> Progress:
     """A `rich.progress.Progress` (not started; use it as a context manager).
 
     `columns` are rich format strings over the task (e.g. ``"loss {task.fields[loss]}"``) shown
@@ -21,6 +26,7 @@ def progress_bar(*columns: str, description: str = "{task.description}",
         MofNCompleteColumn,
         Progress,
         ProgressColumn,
+        Task,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
@@ -28,7 +34,7 @@ def progress_bar(*columns: str, description: str = "{task.description}",
     from rich.text import Text
 
     class Speed(ProgressColumn):
-        def render(self, task) -> Text:
+        def render(self, task: Task) -> Text:
             return Text(f"{task.speed or 0:,.0f} {speed_unit}/s")
 
     shown = [TextColumn(column) for column in columns]

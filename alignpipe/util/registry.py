@@ -28,7 +28,7 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Named entries of one plug-in kind; `kind` names it in messages ("unknown loss 'x'")."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
 

@@ -12,6 +12,7 @@ values) goes through it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 from yaml.nodes import MappingNode, Node, SequenceNode
@@ -30,7 +31,7 @@ class _BoundedLoader(yaml.SafeLoader):
 
     max_nodes = MAX_NODES
 
-    def compose_document(self):
+    def compose_document(self) -> Node | None:
         node = super().compose_document()
         if node is not None:
             _check_expanded_size(node, self.max_nodes)
@@ -75,13 +76,13 @@ def _check_expanded_size(root: Node, limit: int) -> int:
     return size(root)
 
 
-def _where(source, where: str | None) -> str:
+def _where(source: str | Path, where: str | None) -> str:
     if where:
         return where
     return str(source) if isinstance(source, Path) else "YAML text"
 
 
-def load_yaml(source: str | Path, where: str | None = None, *, max_nodes: int = MAX_NODES):
+def load_yaml(source: str | Path, where: str | None = None, *, max_nodes: int = MAX_NODES) -> Any:
     """Parse YAML text, or the file at a `Path`, like ``yaml.safe_load`` but bounded.
 
     `where` names the input in messages (default: the path). Errors are `YamlInputError`s of

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +35,13 @@ from alignpipe.data.manifest import read_manifest, write_manifest
 from alignpipe.data.pairing import resolve_device, storage_dtype, to_device
 from alignpipe.data.store import create_store, open_store
 from alignpipe.methods import create_method
+
+if TYPE_CHECKING:
+    from alignpipe.fit import FitSummary
+    from alignpipe.methods.base import TrainedMethod
+
+#: One optimiser step on a block of raw latents (side a, side b); returns the loss.
+Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 FUSEMIX_SCHEDULE = {"steps": 62_000, "batch": 20_480, "dims": (1536, 1024)}
@@ -93,14 +102,14 @@ def _write_stores(folder: Path, case: Case, seed: int = 0) -> tuple[Path, Path]:
 
 
 # ---- the three loops ----------------------------------------------------------------------------
-def _method(case: Case, device: torch.device):
+def _method(case: Case, device: torch.device) -> tuple[TrainedMethod, dict]:
     from alignpipe.fit import resolve_config
 
     config = resolve_config(case.method, overrides=case.config)
     return create_method(case.method, config, *case.dims).to(device), config
 
 
-def _step_fn(method, config: dict, device: torch.device):
+def _step_fn(method: TrainedMethod, config: dict, device: torch.device) -> Step:
     """One optimiser step of `method` on a block of raw latents (the same math as fit's loop)."""
     optimizer = torch.optim.AdamW(method.parameter_groups(config["weight_decay"]),
                                   lr=config["lr"], betas=(0.9, 0.999))
@@ -116,7 +125,7 @@ def _step_fn(method, config: dict, device: torch.device):
         method.after_step()
         return loss
 
-    method.model.train()
+    method.train()
     return step
 
 
@@ -125,7 +134,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(batches, step, device: torch.device, rows_per_step: int) -> float:
+def _timed(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], step: Step,
+           device: torch.device, rows_per_step: int) -> float:
     """Rows per second of the best of ROUNDS windows of WINDOW steps, after a warm-up."""
     iterator = iter(batches)
     for _ in range(WARMUP_STEPS):
@@ -144,7 +154,7 @@ def _timed(batches, step, device: torch.device, rows_per_step: int) -> float:
 class FeaturePairs(torch.utils.data.Dataset):
     """FuseMix's FeaturePairDataset: per-row tensors in dicts keyed by str(index)."""
 
-    def __init__(self, a: np.ndarray, b: np.ndarray):
+    def __init__(self, a: np.ndarray, b: np.ndarray) -> None:
         # torch-owned tensors, as torch.load gives FuseMix (numpy-owned memory is slower)
         self.vis = {str(i): torch.tensor(row) for i, row in enumerate(a)}
         self.text = {str(i): torch.tensor(row) for i, row in enumerate(b)}
@@ -164,7 +174,7 @@ def dataloader_rate(case: Case, a: np.ndarray, b: np.ndarray, rows_per_step: int
         FeaturePairs(a, b), batch_size=rows_per_step, shuffle=True, drop_last=True,
         num_workers=0, pin_memory=device.type == "cuda")
 
-    def batches():
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             for batch in loader:
                 yield (batch["vis_embed"].to(device, non_blocking=True),
@@ -181,14 +191,15 @@ def pure_rate(case: Case, a: np.ndarray, b: np.ndarray, rows_per_step: int,
                to_device(b[i * rows_per_step:(i + 1) * rows_per_step], device, dtype))
               for i in range(min(4, a.shape[0] // rows_per_step))]
 
-    def batches():
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             yield from blocks
 
     return _timed(batches(), _step_fn(method, config, device), device, rows_per_step)
 
 
-def fit_rate(case: Case, a_path: Path, b_path: Path, out: Path, device: torch.device):
+def fit_rate(case: Case, a_path: Path, b_path: Path, out: Path,
+             device: torch.device) -> tuple[FitSummary, float]:
     """fit's summary and its best epoch rate (one epoch = one window; the first warms up)."""
     from alignpipe.fit import fit, read_metrics
 
@@ -314,8 +325,9 @@ def quality_overrides(method: str, train: int) -> dict:
             "seed": 0, "val_every": max(1, epochs // 15)}
 
 
-def run_quality(sizes: list[int], methods=QUALITY_METHODS, device: str | None = None,
-                folder: str | Path | None = None, echo=print) -> str:
+def run_quality(sizes: list[int], methods: Sequence[str] = QUALITY_METHODS,
+                device: str | None = None, folder: str | Path | None = None,
+                echo: Callable[[str], None] = print) -> str:
     """Test R@1/R@5 (mean of both directions) per method and training size, as markdown."""
     from alignpipe.app.render import CurvesPNG, markdown_table
     from alignpipe.app.results import eval_retrieval

@@ -213,7 +213,8 @@ _AUDIO_ROOT = Option("audio", Path, None, exists=True, help="Folder holding the 
     Option("naming", str, "auto", "How clips are named: auto, youtube_id (also Y<id>, "
                                   "<id>_<start>) or audiocap_id."),
     *CHECK_OPTIONS))
-def _audiocaps_builder(source, out, audio, naming, check_files, skip_missing, check):
+def _audiocaps_builder(source: Path, out: Path, audio: Path | None, naming: str,
+                       check_files: bool, skip_missing: bool, check: str | None) -> BuildResult:
     """AudioCaps: one row per caption (id = audiocap_id), split from the CSV's name."""
     return build_audiocaps(source, out, audio=audio, naming=naming,
                            check=check_of(check_files, skip_missing, check))
@@ -224,7 +225,8 @@ def _audiocaps_builder(source, out, audio, naming, check_files, skip_missing, ch
     Option("source", Path, positional=True, exists=True, help="Folder with "
            "clotho_captions_{development,validation,evaluation}.csv, or one."),
     OUT, _AUDIO_ROOT, *CHECK_OPTIONS))
-def _clotho_builder(source, out, audio, check_files, skip_missing, check):
+def _clotho_builder(source: Path, out: Path, audio: Path | None, check_files: bool,
+                    skip_missing: bool, check: str | None) -> BuildResult:
     """Clotho: 5 rows per clip; development/validation/evaluation -> train/val/test."""
     return build_clotho(source, out, audio=audio,
                         check=check_of(check_files, skip_missing, check))

@@ -140,6 +140,6 @@ def build_prompts(out: str | Path, classes: str | Path = "imagenet",
            "'imagenet' (CLIP's 1000 names) or a file with one class name per line."),
     Option("templates", str, "clip80", "clip80, asif7, photo, or a file with one template per "
            "line ('{}' = class).", aliases=("template_set",))))
-def _prompts_builder(out, classes, templates):
+def _prompts_builder(out: Path, classes: str, templates: str) -> BuildResult:
     """Zero-shot prompts: one row (id, text, label; imagenet: class_id) per class × template."""
     return build_prompts(out, classes=classes, template_set=templates)

@@ -121,8 +121,9 @@ def build_folder(source: str | Path, out: str | Path, label_from_folder: bool = 
            "Use each file's parent folder (relative to SOURCE) as its label."),
     Option("split", str, None, "Split for every row (default: no split column)."),
     SPLIT_FRACTIONS, SPLIT_SEED, SKIP_INCOMPLETE, *CHECK_OPTIONS))
-def _folder_builder(source, out, label_from_folder, split, split_fractions, split_seed,
-                    skip_incomplete, check_files, skip_missing, check):
+def _folder_builder(source: Path, out: Path, label_from_folder: bool, split: str | None,
+                    split_fractions: str | None, split_seed: int, skip_incomplete: bool,
+                    check_files: bool, skip_missing: bool, check: str | None) -> BuildResult:
     """Media files with same-stem .txt captions: x.jpg (+ x.wav) + x.txt -> one row."""
     return build_folder(source, out, label_from_folder=label_from_folder, split=split,
                         skip_incomplete=skip_incomplete,

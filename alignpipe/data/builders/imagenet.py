@@ -241,7 +241,8 @@ def _match_files(folder: Path, labels: Path, pairs: list[tuple[int, str, str]],
     Option("devkit_meta", Path, None, exists=True, help="The devkit's data/meta.mat (default: "
            "next to --labels), mapping its 1-based ILSVRC2012_IDs to wnids."),
     *CHECK_OPTIONS))
-def _imagenet_builder(source, out, labels, devkit_meta, check_files, skip_missing, check):
+def _imagenet_builder(source: Path, out: Path, labels: Path | None, devkit_meta: Path | None,
+                      check_files: bool, skip_missing: bool, check: str | None) -> BuildResult:
     """ImageNet val: id, image, label (CLIP class name), class_id (wnid), split=test."""
     return build_imagenet(source, out, labels=labels, devkit_meta=devkit_meta,
                           check=check_of(check_files, skip_missing, check))

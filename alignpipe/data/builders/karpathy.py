@@ -130,7 +130,8 @@ def _karpathy_options(json_name: str) -> tuple[Option, ...]:
 @register_builder("coco", options=_karpathy_options("dataset_coco.json"), source="source",
                   where_to_get="COCO 2014 images (cocodataset.org) and Karpathy's "
                                "dataset_coco.json")
-def _coco_builder(source, out, images, captions_per_image, check_files, skip_missing, check):
+def _coco_builder(source: Path, out: Path, images: Path | None, captions_per_image: int,
+                  check_files: bool, skip_missing: bool, check: str | None) -> BuildResult:
     """COCO Karpathy splits: 5 rows per image at IMAGES/filepath/filename; restval -> train."""
     return build_karpathy(source, out, "coco", images=images,
                           captions_per_image=captions_per_image,
@@ -140,7 +141,8 @@ def _coco_builder(source, out, images, captions_per_image, check_files, skip_mis
 @register_builder("flickr30k", options=_karpathy_options("dataset_flickr30k.json"),
                   source="source", where_to_get="Flickr30K images (by request from its authors) "
                                                 "and dataset_flickr30k.json")
-def _flickr30k_builder(source, out, images, captions_per_image, check_files, skip_missing, check):
+def _flickr30k_builder(source: Path, out: Path, images: Path | None, captions_per_image: int,
+                       check_files: bool, skip_missing: bool, check: str | None) -> BuildResult:
     """Flickr30K Karpathy splits: 5 rows per image at IMAGES/filename."""
     return build_karpathy(source, out, "flickr30k", images=images,
                           captions_per_image=captions_per_image,

@@ -7,7 +7,8 @@ A builder is one function taking its declared options as keywords (``out`` among
     @register_builder("mine", options=(Option("source", Path, help="...", positional=True,
                                               exists=True), OUT, *CHECK_OPTIONS),
                       source="source")
-    def _mine(source, out, check_files=True, skip_missing=False, check=None):
+    def _mine(source: Path, out: Path, check_files: bool = True, skip_missing: bool = False,
+              check: str | None = None) -> BuildResult:
         \"\"\"One-line help of `alignpipe manifest mine`.\"\"\"
         return build_mine(source, out, check=check_of(check_files, skip_missing, check))
 
@@ -20,13 +21,14 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alignpipe.data.builders._common import CHECK_POLICIES, SplitPlan, check_policy
 from alignpipe.util.errors import AlignpipeError
 from alignpipe.util.registry import Registry
 
 REQUIRED: Any = inspect.Parameter.empty  # the default of an option that must be given
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,10 @@ BUILDERS: Registry[BuilderSpec] = Registry("manifest builder")
 
 def register_builder(kind: str, *, options: tuple[Option, ...] | list[Option],
                      help: str | None = None, source: str | None = None, where_to_get: str = "",
-                     cli: bool = True, writes_folder: bool = False):
+                     cli: bool = True, writes_folder: bool = False) -> Callable[[F], F]:
     """Decorator: register ``build(**options)`` as the builder of `kind` (help: its docstring)."""
 
-    def wrap(build: Callable[..., Any]) -> Callable[..., Any]:
+    def wrap(build: F) -> F:
         names = [o.name for o in options]
         if len(set(names)) != len(names) or "out" not in names:
             raise ValueError(f"builder {kind!r}: options must be unique and include 'out'")

@@ -52,7 +52,8 @@ def build_split(source: str | Path, out: str | Path, plan: SplitPlan) -> BuildRe
     SPLIT_SEED,
     Option("override_split", bool, False,
            "Replace an existing split column (by default it is kept, and said so).")))
-def _split_builder(source, out, split_fractions, split_seed, override_split):
+def _split_builder(source: Path, out: Path, split_fractions: str, split_seed: int,
+                   override_split: bool) -> BuildResult:
     """Add seeded train/val/test splits to a manifest; do it before embedding anything."""
     # Any later edit of the manifest changes its sha256 and so invalidates its stores.
     return build_split(source, out, split_plan_of(split_fractions, split_seed, override_split))

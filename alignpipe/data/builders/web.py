@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -82,7 +83,7 @@ def _only_column(header: list[str], name: str, where: Path) -> int:
     return header.index(name)
 
 
-def _csv_rows(path: Path):
+def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) of a TSV (no quoting, as CC3M's files are) or a quoted CSV; a quote
     left open (which would swallow the rows after it into one caption) is an error."""
     handle = open(path, newline="", encoding="utf-8-sig")
@@ -358,8 +359,10 @@ _CC3M_OPTIONS = (
     SPLIT, SPLIT_FRACTIONS, SPLIT_SEED, SKIP_INCOMPLETE, *CHECK_OPTIONS)
 
 
-def _cc3m_builder(source, out, caption_column, path_column, id_column, images, split,
-                  split_fractions, split_seed, skip_incomplete, check_files, skip_missing, check):
+def _cc3m_builder(source: Path, out: Path, caption_column: str | None, path_column: str | None,
+                  id_column: str | None, images: Path | None, split: str | None,
+                  split_fractions: str | None, split_seed: int, skip_incomplete: bool,
+                  check_files: bool, skip_missing: bool, check: str | None) -> BuildResult:
     """CC3M / CC12M (or any downloaded image-caption table): id, image, text, split."""
     return build_cc3m(source, out, caption_column=caption_column, path_column=path_column,
                       id_column=id_column, images=images, split=split,
@@ -380,8 +383,9 @@ register_builder("cc12m", options=_CC3M_OPTIONS, source="source", cli=False,
     Option("shards", str, positional=True, aliases=("source",), help="'DIR/{00000..00099}.tar' "
            "(quote it), a folder of .tar, or one .tar."),
     OUT, SPLIT, SPLIT_FRACTIONS, SPLIT_SEED, SKIP_INCOMPLETE, *CHECK_OPTIONS))
-def _webdataset_builder(shards, out, split, split_fractions, split_seed, skip_incomplete,
-                        check_files, skip_missing, check):
+def _webdataset_builder(shards: str, out: Path, split: str | None, split_fractions: str | None,
+                        split_seed: int, skip_incomplete: bool, check_files: bool,
+                        skip_missing: bool, check: str | None) -> BuildResult:
     """img2dataset tar shards, each read once: image 'shard.tar::key.jpg', text from key.txt."""
     return build_webdataset(shards, out, split=split, skip_incomplete=skip_incomplete,
                             check=check_of(check_files, skip_missing, check),
