@@ -33,13 +33,16 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 
 from alignpipe._version import __version__
+from alignpipe.curate.selection import selection_record
 from alignpipe.data.pairing import (
     load_pairs,
     open_pair,
@@ -86,6 +89,16 @@ from alignpipe.util.errors import AlignpipeError
 from alignpipe.util.fsutil import DiskError, os_errors
 from alignpipe.util.yamlsafe import load_yaml
 
+if TYPE_CHECKING:
+    from alignpipe.curate.selection import Selection
+    from alignpipe.data.manifest import Manifest
+    from alignpipe.data.pairing import ManifestArg
+    from alignpipe.data.pairs import Pairs
+    from alignpipe.data.store import LatentStore
+
+    StoreLike = str | Path | LatentStore
+    SelectArg = str | Path | Iterable[str | Path] | None
+
 # Below this many val pairs, recall moves by ≥ 1 point per pair and cannot choose an epoch.
 MIN_VAL_PAIRS = 100
 
@@ -94,9 +107,12 @@ __all__ = ["COMMON_DEFAULTS", "TRAIN_DEFAULTS", "FitCallback", "FitSummary", "Lo
            "run_is_complete", "run_state"]
 
 
-def fit(store_a=None, store_b=None, *, method: str | None = None, out, config=None,
-        overrides: dict | None = None, resume: bool = False, device=None, progress: bool = True,
-        callbacks=(), **options) -> FitSummary:
+def fit(store_a: StoreLike | None = None, store_b: StoreLike | None = None, *,
+        method: str | None = None, out: str | Path, config: str | Path | dict | None = None,
+        overrides: dict | None = None, resume: bool = False,
+        device: str | torch.device | None = None, progress: bool = True,
+        callbacks: Callbacks | Iterable[FitCallback] = (), select: SelectArg = None,
+        **options: Any) -> FitSummary:
     """Train (or, for asif, collect anchors for) an alignment of two stores into `out`.
 
     A finished run with the same config and stores is returned as it is; an unfinished one
@@ -110,7 +126,9 @@ def fit(store_a=None, store_b=None, *, method: str | None = None, out, config=No
     One process at a time writes a run folder (a lock beside it). `callbacks`: objects with any
     of on_fit_start / on_epoch_end / on_fit_end (fit/callbacks.py), called by the training loop;
     no figure is drawn without one (the CLI passes `alignpipe.app.render.CurvesPNG`). `options`:
-    `overwrite`, `manifest`, `allow_partial` (see `_fit`).
+    `overwrite`, `manifest`, `allow_partial` (see `_fit`). `select`: one selection file (from
+    `alignpipe curate`) or several; training then uses only their rows of the train split
+    (validation is unchanged), and the run records each selection's path and sha256.
     """
     callbacks = Callbacks(callbacks)  # a wrong object is refused before anything is touched
     out = Path(out)
@@ -131,13 +149,15 @@ def fit(store_a=None, store_b=None, *, method: str | None = None, out, config=No
         base = saved["config"] if saved is not None and saved["method"] == method else None
         return _fit(store_a, store_b, method=method, out=out, config=config, overrides=overrides,
                     resume=resume, device=device, progress=progress, base=base,
-                    callbacks=callbacks, **options)
+                    callbacks=callbacks, select=select, **options)
 
 
-def _fit(store_a, store_b, *, method: str, out, config=None, overrides: dict | None = None,
-         resume: bool = False, device=None, progress: bool = True, base: dict | None = None,
-         callbacks: Callbacks | None = None, overwrite: bool = False, manifest=None,
-         allow_partial: bool = False) -> FitSummary:
+def _fit(store_a: StoreLike, store_b: StoreLike, *, method: str, out: str | Path,
+         config: str | Path | dict | None = None, overrides: dict | None = None,
+         resume: bool = False, device: str | torch.device | None = None,
+         progress: bool = True, base: dict | None = None, callbacks: Callbacks | None = None,
+         overwrite: bool = False, manifest: ManifestArg = None, allow_partial: bool = False,
+         select: SelectArg = None) -> FitSummary:
     """`fit` under the run folder's lock; `base` is the saved config a resume starts from.
 
     A finished run with the same config and stores is returned as it is; an unfinished one
@@ -150,6 +170,10 @@ def _fit(store_a, store_b, *, method: str, out, config=None, overrides: dict | N
     cfg = resolve_config(method, config, overrides, base=base)
     out = Path(out)
     identity = run_identity(method, cfg, a, b, out)
+    selections = open_selections(select, manifest)
+    if selections:  # part of what the run is (by content, wherever the files lie)
+        identity["select"] = [{"sha256": r["sha256"], "rows": r["rows"]}
+                              for r in map(selection_record, selections)]
     for side, store in (("a", a), ("b", b)):
         if not store.complete:  # a fit on part of a store is not the fit on all of it
             identity["stores"][side]["partial"] = (f"{len(store.done_units())} of "
@@ -165,12 +189,14 @@ def _fit(store_a, store_b, *, method: str, out, config=None, overrides: dict | N
     out.mkdir(parents=True, exist_ok=True)
     if state == "new":
         _atomic_write(out / CONFIG, yaml.safe_dump(
-            {**identity, "manifest": a.manifest_info, "alignpipe_version": __version__},
+            {**identity, "manifest": a.manifest_info, "alignpipe_version": __version__,
+             **({"selections": [selection_record(s) for s in selections]} if selections
+                else {})},
             sort_keys=False))
     try:
         with os_errors(out):  # a full disk or read-only folder is one line naming the path
             return _run(a, b, manifest, method, cfg, out, state, device, progress, started,
-                        callbacks or Callbacks())
+                        callbacks or Callbacks(), selections)
     except AlignpipeError as err:
         # A run refused (or diverged) before its first good checkpoint leaves nothing behind to
         # "resume", not even heads: a leftover file would make the folder "not a run".
@@ -183,8 +209,10 @@ def _fit(store_a, store_b, *, method: str, out, config=None, overrides: dict | N
         raise
 
 
-def _run(a, b, manifest, method: str, cfg: dict, out: Path, state: str, device,
-         progress: bool, started: float, callbacks: Callbacks) -> FitSummary:
+def _run(a: LatentStore, b: LatentStore, manifest: Manifest, method: str, cfg: dict,
+         out: Path, state: str, device: str | torch.device | None, progress: bool,
+         started: float, callbacks: Callbacks,
+         selections: list[Selection] | None = None) -> FitSummary:
     dev = resolve_device(device)
     log = RunLog(out / LOG, echo=progress)
     log(f"fit {method}: {a.modality} {a.path} (dim {a.dim}) ↔ {b.modality} {b.path} "
@@ -197,7 +225,7 @@ def _run(a, b, manifest, method: str, cfg: dict, out: Path, state: str, device,
         log("resuming a run whose loss diverged" + (": " + ", ".join(
             f"{k} {v[0]} → {v[1]}" for k, v in changes.items()) if changes else ""))
     torch.manual_seed(cfg["seed"])
-    train, val, dropped = _load_splits(a, b, manifest, cfg, dev, log)
+    train, val, dropped = _load_splits(a, b, manifest, cfg, dev, log, selections)
     model = create_method(method, cfg, a.dim, b.dim).to(dev)
     names = (a.modality, b.modality)
     warnings = _validation_warnings(len(val), model.trained)
@@ -235,6 +263,9 @@ def _run(a, b, manifest, method: str, cfg: dict, out: Path, state: str, device,
         val_pairs=len(val), dropped_rows=dropped, batch_size=batch, steps=steps,
         device=str(dev), warnings=warnings)
     _atomic_write(out / SUMMARY, json.dumps({**summary.to_dict(), "complete": True,
+                                             **({"selections": [selection_record(s)
+                                                                for s in selections]}
+                                                if selections else {}),
                                              "finished": datetime.now(timezone.utc).isoformat(
                                                  timespec="seconds")}, indent=2))
     (out / DIVERGED).unlink(missing_ok=True)  # a retuned resume got past the divergence
@@ -256,9 +287,33 @@ def _validation_warnings(val_pairs: int, trained: bool) -> list[str]:
     return []
 
 
-def _load_splits(a, b, manifest, cfg: dict, device: torch.device, log: RunLog):
+def open_selections(select: SelectArg, manifest: Manifest) -> list[Selection]:
+    """The selections to train on, each refused unless it names rows of `manifest`."""
+    if select is None:
+        return []
+    from alignpipe.curate.selection import check_selection, read_selection
+
+    items = [select] if isinstance(select, (str, Path)) else list(select)
+    selections = [read_selection(item) for item in items]
+    for selection in selections:
+        check_selection(selection, manifest)
+    return selections
+
+
+def _load_splits(a: LatentStore, b: LatentStore, manifest: Manifest, cfg: dict,
+                 device: torch.device, log: RunLog, selections: list[Selection] | None = None,
+                 ) -> tuple[Pairs, Pairs, dict[str, int]]:
     train_rows, val_rows, how = train_val_rows(manifest, cfg["val_fraction"])
     log(how)
+    if selections:  # train on the selected rows of the train split only; val as always
+        import numpy as np
+
+        chosen = np.unique(np.concatenate([s.rows for s in selections]))
+        before = train_rows.size
+        train_rows = np.intersect1d(train_rows, chosen)
+        log(f"selection {', '.join(str(s.path) for s in selections)}: {chosen.size} rows "
+            f"selected, {train_rows.size} of {before} training rows kept (selected rows of "
+            f"other splits are not trained on)")
     dtype = storage_dtype(device, cfg.get("storage_dtype", "auto"))
     train, lost_train = load_pairs(a, b, manifest, train_rows, device, dtype)
     val, lost_val = load_pairs(a, b, manifest, val_rows, device, dtype)

@@ -9,18 +9,23 @@ from __future__ import annotations
 import difflib
 import os
 import socket
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from alignpipe.util.errors import AlignpipeError
 
+if TYPE_CHECKING:
+    from alignpipe.data.builders.registry import BuilderSpec, Option
 
-def did_you_mean(word: str, options) -> str:
+
+def did_you_mean(word: str, options: Iterable[object]) -> str:
     """``; did you mean x?`` when `word` is a likely typo of one of `options`."""
     close = difflib.get_close_matches(str(word), [str(o) for o in options], n=3, cutoff=0.6)
     return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
-def _spec(make: dict):
+def _spec(make: dict) -> BuilderSpec:
     """The registered builder a make: block names, or an AlignpipeError naming the known ones."""
     from alignpipe.data.builders import builder_spec, list_builders
 
@@ -32,7 +37,7 @@ def _spec(make: dict):
     return builder_spec(kind)
 
 
-def _coerce(kind: str, option, key: str, value):
+def _coerce(kind: str, option: Option, key: str, value: Any) -> Any:
     """A make: value as the option's type: YAML (or --set, which gives text) to int/float/bool."""
     wanted = option.type
     if value is None or wanted in (str, Path):
@@ -53,7 +58,7 @@ def _coerce(kind: str, option, key: str, value):
     raise AlignpipeError(f"make {kind}: {key} must be {wanted.__name__}, got {value!r}")
 
 
-def make_option_problems(make) -> list[str]:
+def make_option_problems(make: object) -> list[str]:
     """What a ``make:`` block gets wrong before anything runs: an unknown kind, or options its
     builder does not declare (named, with close matches)."""
     if not isinstance(make, dict):
@@ -71,7 +76,7 @@ def make_option_problems(make) -> list[str]:
             + did_you_mean(unknown[0], takes) + f"; it takes {', '.join(takes)}"]
 
 
-def _make_values(make: dict, manifest: Path):
+def _make_values(make: dict, manifest: Path) -> tuple[BuilderSpec, dict[str, Any]]:
     """(spec, keyword values) of a make: block: keys checked, aliases resolved, types coerced."""
     problems = make_option_problems(make)
     if problems:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alignpipe.app.render import markdown_table
 from alignpipe.util.fsutil import atomic_write_text
+
+if TYPE_CHECKING:
+    from alignpipe.app.pipeline.runner import PipelineResult
 
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
@@ -30,7 +35,7 @@ def headline_metrics(metrics: dict) -> dict[str, float]:
             if k in ("top1", "top5") or "R@" in k}
 
 
-def _encoders(names) -> str:
+def _encoders(names: Iterable[object] | None) -> str:
     return " ↔ ".join(str(n) for n in names or []) or "?"
 
 
@@ -60,7 +65,7 @@ def run_rows(runs: list[dict]) -> list[list]:
              f"{r['b']} ({r['encoders'][1]})", r["folder"]] for r in runs]
 
 
-def run_plots(result) -> list[str]:
+def run_plots(result: PipelineResult) -> list[str]:
     """The plots this pipeline run drew, relative to its folder: each fit's curves, each eval's
     plot and the similarity heatmap. Not every PNG under the folder: one left by an earlier
     plan (another method, an eval since removed) or by a hand-run `alignpipe eval` would be
@@ -79,7 +84,7 @@ def run_plots(result) -> list[str]:
     return list(dict.fromkeys(plots))
 
 
-def write_report(plan: dict, result, wall_s: float) -> Path:
+def write_report(plan: dict, result: PipelineResult, wall_s: float) -> Path:
     folder = Path(result.folder)
     lines = [f"# Pipeline `{result.name}`", "",
              f"`alignpipe run {plan.get('_file')}` — finished "
@@ -101,6 +106,10 @@ def write_report(plan: dict, result, wall_s: float) -> Path:
     if runs:
         lines += ["## Runs", "", markdown_table(
             ["run", "method", "a (encoder)", "b (encoder)", "folder"], run_rows(runs)), ""]
+        selected = [r for r in runs if r.get("select")]
+        if selected:  # fits trained on curated (or random) selections of their pool
+            lines += ["Trained on selections: " + "; ".join(
+                f"{r['run']} ← {', '.join(r['select'])}" for r in selected) + ".", ""]
     rows = headline_rows(plan, result.evals)
     if rows:
         lines += ["## Results", "", "Recall and accuracy in percent; encoders are those of the "

@@ -47,11 +47,14 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from alignpipe.app.pipeline.curate_step import fit_selections, run_curate_steps
 from alignpipe.app.pipeline.planning import did_you_mean as _close
 from alignpipe.app.pipeline.planning import make_option_problems
 from alignpipe.util.errors import AlignpipeError
@@ -60,11 +63,11 @@ from alignpipe.util.names import plain_name_problem
 from alignpipe.util.yamlsafe import load_yaml
 
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-SECTIONS = ("name", "cache", "runs", "inputs", "data", "embed", "fit", "eval", "similarity",
-            "reference", "device")
+SECTIONS = ("name", "cache", "runs", "inputs", "data", "embed", "curate", "fit", "eval",
+            "similarity", "reference", "device")
 EMBED_OPTIONS = ("column", "weights", "image_size", "pooling", "dtype", "latent_dtype",
                  "batch_size", "workers", "unit_rows", "device", "max_failure_rate", "dataset")
-FIT_OPTIONS = ("method", "a", "b", "config", "set")
+FIT_OPTIONS = ("method", "a", "b", "config", "set", "select")
 SIMILARITY_OPTIONS = ("stores", "sample", "k", "seed")
 REFERENCE_OPTIONS = ("eval", "metric", "value", "source")
 
@@ -99,7 +102,7 @@ class PipelineResult:
 
 
 # ---- loading ------------------------------------------------------------------------------------
-def _interpolate(value):
+def _interpolate(value: Any) -> Any:
     if isinstance(value, str):
         def sub(match: re.Match) -> str:
             name, default = match.group(1), match.group(2)
@@ -117,7 +120,7 @@ def _interpolate(value):
     return value
 
 
-def _unshared(value):
+def _unshared(value: Any) -> Any:
     """A copy in which no two places share an object: YAML anchors (``*name``) alias one dict,
     and an override of one step must not change the others."""
     if isinstance(value, dict):
@@ -132,7 +135,8 @@ _STEP_SCHEMA = {
     "data": {"manifest": None, "make": {_ANY: None}},
     "embed": {key: None for key in ("data", "encoder", *EMBED_OPTIONS)},
     "fit": {"method": None, "a": None, "b": None, "config": {_ANY: None},
-            "set": {_ANY: {_ANY: None}}},
+            "set": {_ANY: {_ANY: None}}, "select": None},
+    "curate": {_ANY: None},  # options checked by pipeline/curate_step.py
 }
 _LIST_SCHEMA = {  # each list section's keys; eval's come from the evaluator registry
     "eval": lambda: dict.fromkeys(_eval_options()),
@@ -153,7 +157,7 @@ def _override_error(dotted: str, why: str) -> PipelineError:
     return PipelineError(f"--set {dotted}: {why}")
 
 
-def _config_key_hint(step, sid: str, key: str) -> str:
+def _config_key_hint(step: object, sid: str, key: str) -> str:
     """For ``fit.<id>.<key>``: point a fit config key (or a typo of one) at ``set:``."""
     from alignpipe import methods
     from alignpipe.fit.config import default_config
@@ -219,7 +223,7 @@ def _check_override(plan: dict, dotted: str) -> None:
         node = node.get(key) if isinstance(node, dict) else None
 
 
-def _set_dotted(tree: dict, dotted: str, value) -> None:
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
     for i, key in enumerate(keys):
@@ -239,7 +243,7 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
             node = node[key]
 
 
-def override_value(raw, key: str = "value"):
+def override_value(raw: Any, key: str = "value") -> Any:
     """A ``--set`` value as YAML reads it (``null`` → None, ``5`` → 5, ``[a, b]`` → a list),
     so that ``--set k=v`` and ``k: v`` in the file give the same value; non-strings pass."""
     if not isinstance(raw, str):
@@ -269,7 +273,7 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> dict:
     plan.setdefault("name", path.stem)
     plan.setdefault("cache", "cache")
     plan.setdefault("runs", "runs")
-    for section in ("data", "embed", "fit", "inputs"):
+    for section in ("data", "embed", "curate", "fit", "inputs"):
         plan[section] = plan.get(section) or {}
         if not isinstance(plan[section], dict):
             raise PipelineError(f"{path}: section {section!r} must map ids to steps")
@@ -323,7 +327,7 @@ def fit_runs(plan: dict, sid: str) -> list[FitRun]:
             for method in fit_methods(step)]
 
 
-def _fit_step_problems(sid, step: dict, plan: dict) -> list[str]:
+def _fit_step_problems(sid: str, step: dict, plan: dict) -> list[str]:
     """Options, methods, config files and `set:` keys of one fit step, checked without data."""
     from alignpipe import methods
     from alignpipe.fit.config import default_config, resolve_config
@@ -431,6 +435,9 @@ def check_plan(plan: dict) -> list[str]:
                 problems.append(f"fit.{sid}: its run folder {run.folder} is also the folder of "
                                 f"fit.{folders[run.folder]}; rename one of the steps")
             folders[run.folder] = sid
+    from alignpipe.app.pipeline.curate_step import curate_problems
+
+    problems += curate_problems(plan)
     if plan["eval"]:
         from alignpipe.evaluate import evaluator_spec, list_evaluators
 
@@ -473,7 +480,7 @@ def check_plan(plan: dict) -> list[str]:
     return problems
 
 
-def _unset(value) -> set[str]:
+def _unset(value: Any) -> set[str]:
     """Environment variables still written as ``${VAR}`` anywhere inside `value`."""
     if isinstance(value, str):
         return {m.group(1) for m in ENV_PATTERN.finditer(value)}
@@ -542,7 +549,7 @@ class Runner:
     """Carries out one resolved plan, step by step, recording what ran and what was cached."""
 
     def __init__(self, plan: dict, dry_run: bool = False, progress: bool = True,
-                 echo=print):
+                 echo: Callable[[str], None] = print) -> None:
         self.plan = plan
         self.dry_run = dry_run
         self.progress = progress
@@ -556,7 +563,8 @@ class Runner:
         timing = f" in {seconds:.1f}s" if status == "ran" else ""
         self.echo(f"[{stage}] {name}: {status}{timing}{'  ' + detail if detail else ''}")
 
-    def guarded(self, stage: str, name: str, fn, *args, **kwargs):
+    def guarded(self, stage: str, name: str, fn: Callable[..., Any], *args: Any,
+                **kwargs: Any) -> tuple[Any, float]:
         """Run one step; a failure stops the pipeline with a message that says what is kept."""
         start = time.perf_counter()
         try:
@@ -618,9 +626,12 @@ class Runner:
 
         for sid, step in self.plan["fit"].items():
             a, b = _store_of(self.plan, step["a"]), _store_of(self.plan, step["b"])
+            select = fit_selections(self.plan, step)  # the curate steps it trains on, if any
             for run in fit_runs(self.plan, sid):
                 out = self.folder / run.folder
                 args = {"method": run.method, "config": run.config, "overrides": run.overrides}
+                if select:
+                    args["select"] = select
                 # missing | complete | incomplete (killed: resume it) | different (spec changed)
                 state = (run_state(out, a, b, **args)
                          if a.exists() and b.exists() and out.exists() else "missing")
@@ -688,6 +699,8 @@ class Runner:
             for run in fit_runs(self.plan, sid):
                 rows.append({"run": run.folder, "step": sid, "method": run.method,
                              "a": step["a"], "b": step["b"],
+                             **({"select": [str(p) for p in fit_selections(self.plan, step)]}
+                                if step.get("select") is not None else {}),
                              "encoders": self._encoders(step["a"], step["b"]),
                              "folder": str(self.folder / run.folder)})
         return rows
@@ -711,7 +724,8 @@ class Runner:
 
 
 def run_pipeline(path: str | Path, overrides: dict[str, str] | None = None,
-                 dry_run: bool = False, progress: bool = True, echo=print) -> PipelineResult:
+                 dry_run: bool = False, progress: bool = True,
+                 echo: Callable[[str], None] = print) -> PipelineResult:
     """Check everything, then make data, embed, fit, eval and report; reuse what is cached."""
     plan = load_pipeline(path, overrides)
     problems = check_plan(plan)
@@ -731,6 +745,7 @@ def run_pipeline(path: str | Path, overrides: dict[str, str] | None = None,
     started = time.perf_counter()
     runner.make_data()
     runner.embed()
+    run_curate_steps(runner, _store_of)
     runner.fit()
     runner.evaluate()
     runner.similarity()
