@@ -12,8 +12,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+TOY_CLASSES := red circle,red square,red triangle,red cross,green circle,green square,green triangle,green cross,blue circle,blue square,blue triangle,blue cross,yellow circle,yellow square,yellow triangle,yellow cross,purple circle,purple square,purple triangle,purple cross,orange circle,orange square,orange triangle,orange cross
+
 demo: $(STAMP)
 	$(BIN)/alignpipe run pipelines/toy.yaml
+	@echo "== predict: zero-shot classes of four test images (true classes: red circle, purple circle, purple cross, orange circle)"
+	$(BIN)/alignpipe predict runs/toy/image-text data_manifests/toy/images/000/000016.png \
+	    data_manifests/toy/images/000/000020.png data_manifests/toy/images/000/000025.jpg \
+	    data_manifests/toy/images/000/000029.jpg --classes "$(TOY_CLASSES)" --top-k 3
+	@echo "== search: the toy images closest to a caption"
+	$(BIN)/alignpipe search runs/toy/image-text --store cache/toy/efficientnet-lite0 \
+	    --query "a big red circle" --k 5
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

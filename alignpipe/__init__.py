@@ -31,6 +31,7 @@ _LAZY = {
     "evaluate": "alignpipe.evaluate", "list_evaluators": "alignpipe.evaluate",
     "similarity": "alignpipe.evaluate.similarity",
     "list_builders": "alignpipe.data.builders",
+    "load_model": "alignpipe.model", "export_model": "alignpipe.model",
 }
 
 __all__ = ["AlignpipeError", "LatentStore", "Manifest", "__version__", "create_store",

@@ -9,8 +9,9 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
@@ -24,6 +25,12 @@ from alignpipe.app.clikit import (
     use_threads,
 )
 from alignpipe.util.errors import AlignpipeError
+
+if TYPE_CHECKING:
+    import click
+
+    from alignpipe.data.builders.registry import BuilderSpec
+    from alignpipe.evaluate.registry import EvaluatorSpec
 
 
 class _PluginGroup(TyperGroup):
@@ -42,11 +49,11 @@ class _PluginGroup(TyperGroup):
                 single.command(kind, help=help_text)(command)
                 self.add_command(typer.main.get_command(single), kind)
 
-    def list_commands(self, ctx):
+    def list_commands(self, ctx: click.Context) -> list[str]:
         self._add_plugins()
         return super().list_commands(ctx)
 
-    def get_command(self, ctx, cmd_name):
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands:
             self._add_plugins()
         return super().get_command(ctx, cmd_name)
@@ -328,6 +335,9 @@ def fit(
     progress: Annotated[bool, typer.Option(help="Show a progress bar and log lines.")] = True,
     manifest: ManifestOption = None,
     allow_partial: AllowPartialOption = False,
+    select: Annotated[list[Path] | None, typer.Option(
+        help="Train only on the train-split rows of this selection (from `alignpipe curate`); "
+             "repeatable.")] = None,
     threads: ThreadsOption = None,
 ) -> None:
     """Train alignment heads on two stores of one manifest (nothing touches an encoder)."""
@@ -349,7 +359,7 @@ def fit(
     summary = fit_stores(store_a, store_b, method=method, out=out, config=config,
                          overrides=overrides, resume=resume, device=device, progress=progress,
                          overwrite=overwrite, manifest=manifest, allow_partial=allow_partial,
-                         callbacks=[CurvesPNG()])
+                         callbacks=[CurvesPNG()], select=select or None)
     console.print(fit_summary_table(summary.to_dict()))
     if summary.cached:
         err_console.print(f"{out} already holds this finished run (same method, config and "
@@ -464,12 +474,13 @@ def eval_zeroshot(
     _print_eval_end(result)
 
 
-def _eval_command(spec):
+def _eval_command(spec: EvaluatorSpec) -> Callable[..., None]:
     """The typer callback of `alignpipe eval <spec.name>` for an evaluator with no hand-written
     command: its stores as arguments, the options every eval takes, then its own options."""
     import inspect
 
-    def param(name: str, annotation, default=inspect.Parameter.empty) -> inspect.Parameter:
+    def param(name: str, annotation: Any,
+              default: Any = inspect.Parameter.empty) -> inspect.Parameter:
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                  annotation=annotation)
 
@@ -589,7 +600,7 @@ def bench_all(
 # ---- manifest builders --------------------------------------------------------------------------
 # One `alignpipe manifest <kind>` command per registered builder, made from its declared options
 # (alignpipe/data/builders/registry.py): arguments in declaration order, then --options.
-def _builder_command(spec):
+def _builder_command(spec: BuilderSpec) -> Callable[..., None]:
     """The typer callback of `alignpipe manifest <spec.kind>`."""
     import inspect
 
@@ -617,7 +628,7 @@ def _builder_command(spec):
 #: Verbs written in modules of their own: each module has ``register(app)``, which adds its
 #: commands (with `alignpipe.app.clikit.friendly` and its shared options). A new verb is one
 #: module plus one name here.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("alignpipe.app.curate", "alignpipe.app.use")
 
 
 def _register_command_modules() -> None:
