@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench reproduce-imagenet toy-data clean
+.PHONY: demo test lint bench reproduce-imagenet reproduce-imagenet-curated toy-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench: $(STAMP)
 
 reproduce-imagenet: $(STAMP)
 	$(BIN)/alignpipe run pipelines/reproduce-imagenet.yaml
+
+reproduce-imagenet-curated: $(STAMP)
+	$(BIN)/alignpipe run pipelines/reproduce-imagenet-curated.yaml
 
 toy-data: $(STAMP)
 	$(BIN)/alignpipe manifest toy data_manifests/toy --rows 600 --seed 0

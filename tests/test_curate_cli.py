@@ -73,7 +73,7 @@ def test_bench_curate_is_a_bench_command():
     assert result.exit_code == 0 and "brute-force" in result.output
 
 
-def _plan(tmp_path, **curate_steps):
+def _plan(tmp_path, also: bool = False, **curate_steps):
     plan = {
         "name": "cur", "cache": str(tmp_path / "cache"), "runs": str(tmp_path / "runs"),
         "data": {"pool": {"manifest": str(tmp_path / "pool" / "pool.parquet"),
@@ -91,6 +91,12 @@ def _plan(tmp_path, **curate_steps):
         "fit": {"curated": {"method": "linear", "a": "pool-audio", "b": "pool-text",
                             "set": {"epochs": 1, "batch_size": 32}, "select": "target"}},
     }
+    if also:  # a second manifest trained on beside the curated pool (freeze-align's CC3M)
+        plan["data"]["toy"] = {"manifest": str(tmp_path / "toy" / "toy.parquet"),
+                               "make": plan["data"]["prompts"]["make"]}
+        plan["embed"].update({"toy-audio": {"data": "toy", "encoder": "test-audio"},
+                              "toy-text": {"data": "toy", "encoder": "test-text"}})
+        plan["fit"]["curated"]["also"] = [{"a": "toy-audio", "b": "toy-text"}]
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(plan))
     return path
@@ -106,10 +112,14 @@ def test_pipeline_checks_curate_steps(tmp_path):
     assert "per_concept must be an integer" in text and "unknown option(s) typo" in text
     assert "curate.random: random is a row count" in text
     assert check_plan(load_pipeline(_plan(tmp_path))) == []
+    plan = load_pipeline(_plan(tmp_path, also=True))
+    assert check_plan(plan) == []
+    plan["fit"]["curated"]["also"] = [{"a": "toy-audio", "b": "nope"}]
+    assert "fit.curated: also b 'nope' is not an embed step" in "\n".join(check_plan(plan))
 
 
 def test_pipeline_curate_step_feeds_fit_and_is_cached(tmp_path):
-    path = _plan(tmp_path)
+    path = _plan(tmp_path, also=True)
     lines: list[str] = []
     result = run_pipeline(path, progress=False, echo=lines.append)
     statuses = {(s.stage, s.name): s.status for s in result.steps}
@@ -117,6 +127,9 @@ def test_pipeline_curate_step_feeds_fit_and_is_cached(tmp_path):
     target = read_selection(tmp_path / "runs" / "cur" / "curate" / "target.parquet")
     config = yaml.safe_load((tmp_path / "runs" / "cur" / "curated" / "config.yaml").read_text())
     assert config["select"][0]["rows"] == len(target)
+    assert config["also"][0]["a"]["path"].endswith("test-audio")  # the second pair trained on
+    log = (tmp_path / "runs" / "cur" / "curated" / "log.txt").read_text()
+    assert "toy.parquet: " in log and "more training rows" in log
     assert "Trained on selections" in (tmp_path / "runs" / "cur" / "report.md").read_text()
     again = run_pipeline(path, progress=False, echo=lines.append)
     statuses = {(s.stage, s.name): s.status for s in again.steps}

@@ -94,3 +94,54 @@ def test_fit_refuses_a_selection_of_another_manifest(pool, tmp_path):
         fit(data.store_a, data.store_b, method="linear", out=tmp_path / "run",
             overrides=FIT, select=tmp_path / "foreign.parquet", progress=False, device="cpu")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def second(tmp_path_factory):
+    """Another manifest embedded with the same (synthetic) encoders: freeze-align's CC3M beside
+    its curated LAION."""
+    from alignpipe.app.synthetic import make_synthetic
+
+    return make_synthetic(tmp_path_factory.mktemp("second"), train=300, val=40, test=40,
+                          classes=40, seed=1)
+
+
+def test_also_trains_on_a_second_manifest_with_the_selection_on_its_own(pool, second, tmp_path):
+    data, out, budget = pool
+    from alignpipe.data.pairing import train_val_rows
+
+    extra_train = train_val_rows(read_manifest(second.manifest), 0.05)[0].size
+    run = tmp_path / "mixed"
+    summary = fit(data.store_a, data.store_b, method="linear", out=run,
+                  overrides={**FIT, "epochs": 1}, select=out / "curated.parquet",
+                  also=[(second.store_a, second.store_b)], progress=False, device="cpu")
+    # the selection restricts its own pool; every train row of the other manifest is added
+    assert summary.train_pairs == budget + extra_train
+    alone = fit(data.store_a, data.store_b, method="linear", out=tmp_path / "alone",
+                overrides={**FIT, "epochs": 1}, select=out / "curated.parquet",
+                progress=False, device="cpu")
+    assert summary.val_pairs == alone.val_pairs  # validation is the first pair's only
+    assert len(yaml.safe_load((run / "config.yaml").read_text())["also"]) == 1
+    # the same call is the finished run; without `also` it is another run
+    assert fit(data.store_a, data.store_b, method="linear", out=run,
+               overrides={**FIT, "epochs": 1}, select=out / "curated.parquet",
+               also=[(second.store_a, second.store_b)], progress=False, device="cpu").cached
+    with pytest.raises(AlignpipeError, match="different run"):
+        fit(data.store_a, data.store_b, method="linear", out=run,
+            overrides={**FIT, "epochs": 1}, select=out / "curated.parquet", progress=False,
+            device="cpu")
+    # `--resume` alone takes the saved pairs too (and the selection, given again)
+    assert fit(out=run, resume=True, select=out / "curated.parquet", progress=False,
+               device="cpu").cached
+
+
+def test_also_refuses_swapped_sides_and_a_manifest_given_twice(pool, second, tmp_path):
+    data, _, _ = pool
+    with pytest.raises(AlignpipeError, match="same order"):
+        fit(data.store_a, data.store_b, method="linear", out=tmp_path / "swapped",
+            overrides=FIT, also=[(second.store_b, second.store_a)], progress=False,
+            device="cpu")
+    with pytest.raises(AlignpipeError, match="give each manifest once"):
+        fit(data.store_a, data.store_b, method="linear", out=tmp_path / "twice",
+            overrides=FIT, also=[(data.store_a, data.store_b)], progress=False, device="cpu")
+    assert not (tmp_path / "swapped").exists() and not (tmp_path / "twice").exists()

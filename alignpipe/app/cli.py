@@ -285,6 +285,14 @@ def bench_embed(
 
 
 # ---- fit / eval / similarity (stage two) --------------------------------------------------------
+def _store_pair(item: str) -> tuple[Path, Path]:
+    """``STORE_A,STORE_B`` of `--also`, refused in one line when it is not two paths."""
+    parts = [p for p in item.split(",") if p.strip()]
+    if len(parts) != 2:
+        raise AlignpipeError(f"--also {item!r}: give two stores as STORE_A,STORE_B")
+    return Path(parts[0].strip()), Path(parts[1].strip())
+
+
 def _common_overrides(set_: list[str] | None, **flags) -> dict[str, str]:
     """``--set`` pairs plus the common flags given (flags win: they are the more specific)."""
     overrides = parse_overrides(set_)
@@ -338,6 +346,9 @@ def fit(
     select: Annotated[list[Path] | None, typer.Option(
         help="Train only on the train-split rows of this selection (from `alignpipe curate`); "
              "repeatable.")] = None,
+    also: Annotated[list[str] | None, typer.Option(
+        help="Train on another manifest's stores too, same encoders: STORE_A,STORE_B "
+             "(repeatable; a --select of that manifest applies to them).")] = None,
     threads: ThreadsOption = None,
 ) -> None:
     """Train alignment heads on two stores of one manifest (nothing touches an encoder)."""
@@ -359,7 +370,8 @@ def fit(
     summary = fit_stores(store_a, store_b, method=method, out=out, config=config,
                          overrides=overrides, resume=resume, device=device, progress=progress,
                          overwrite=overwrite, manifest=manifest, allow_partial=allow_partial,
-                         callbacks=[CurvesPNG()], select=select or None)
+                         callbacks=[CurvesPNG()], select=select or None,
+                         also=[_store_pair(item) for item in also or ()])
     console.print(fit_summary_table(summary.to_dict()))
     if summary.cached:
         err_console.print(f"{out} already holds this finished run (same method, config and "

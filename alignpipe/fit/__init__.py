@@ -34,16 +34,20 @@ import json
 import shutil
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import yaml
 
 from alignpipe._version import __version__
 from alignpipe.curate.selection import selection_record
 from alignpipe.data.pairing import (
+    check_encoder,
+    encoder_identity,
     load_pairs,
     open_pair,
     partial_notes,
@@ -51,6 +55,7 @@ from alignpipe.data.pairing import (
     storage_dtype,
     train_val_rows,
 )
+from alignpipe.data.pairs import Pairs
 from alignpipe.fit.callbacks import Callbacks, FitCallback
 from alignpipe.fit.config import (
     COMMON_DEFAULTS,
@@ -83,6 +88,7 @@ from alignpipe.fit.runfolder import (
     run_lock,
     run_state,
     save_tensors,
+    store_identity,
 )
 from alignpipe.methods import create_method
 from alignpipe.util.errors import AlignpipeError
@@ -93,11 +99,11 @@ if TYPE_CHECKING:
     from alignpipe.curate.selection import Selection
     from alignpipe.data.manifest import Manifest
     from alignpipe.data.pairing import ManifestArg
-    from alignpipe.data.pairs import Pairs
     from alignpipe.data.store import LatentStore
 
     StoreLike = str | Path | LatentStore
     SelectArg = str | Path | Iterable[str | Path] | None
+    AlsoArg = Iterable[tuple[StoreLike, StoreLike]]
 
 # Below this many val pairs, recall moves by ≥ 1 point per pair and cannot choose an epoch.
 MIN_VAL_PAIRS = 100
@@ -112,7 +118,7 @@ def fit(store_a: StoreLike | None = None, store_b: StoreLike | None = None, *,
         overrides: dict | None = None, resume: bool = False,
         device: str | torch.device | None = None, progress: bool = True,
         callbacks: Callbacks | Iterable[FitCallback] = (), select: SelectArg = None,
-        **options: Any) -> FitSummary:
+        also: AlsoArg = (), **options: Any) -> FitSummary:
     """Train (or, for asif, collect anchors for) an alignment of two stores into `out`.
 
     A finished run with the same config and stores is returned as it is; an unfinished one
@@ -129,6 +135,10 @@ def fit(store_a: StoreLike | None = None, store_b: StoreLike | None = None, *,
     `overwrite`, `manifest`, `allow_partial` (see `_fit`). `select`: one selection file (from
     `alignpipe curate`) or several; training then uses only their rows of the train split
     (validation is unchanged), and the run records each selection's path and sha256.
+    `also`: more ``(store_a, store_b)`` pairs of other manifests, embedded with the same two
+    encoders, whose train-split rows are trained on too (freeze-align: curated LAION plus
+    CC3M/CC12M); a selection applies to the pair whose manifest it names, and validation is
+    the first pair's.
     """
     callbacks = Callbacks(callbacks)  # a wrong object is refused before anything is touched
     out = Path(out)
@@ -142,6 +152,9 @@ def fit(store_a: StoreLike | None = None, store_b: StoreLike | None = None, *,
                 store_a = locate_store(out, saved["stores"]["a"], "a", hint)
             if store_b is None:
                 store_b = locate_store(out, saved["stores"]["b"], "b", hint)
+            if not also and saved.get("also"):  # the run's other training pairs, as saved
+                also = [(locate_store(out, pair["a"], "also a", hint),
+                         locate_store(out, pair["b"], "also b", hint)) for pair in saved["also"]]
         method = method or "fusemix"
         if store_a is None or store_b is None:
             raise AlignpipeError(f"{out}: fit needs two stores (only `--resume` of an existing "
@@ -149,7 +162,7 @@ def fit(store_a: StoreLike | None = None, store_b: StoreLike | None = None, *,
         base = saved["config"] if saved is not None and saved["method"] == method else None
         return _fit(store_a, store_b, method=method, out=out, config=config, overrides=overrides,
                     resume=resume, device=device, progress=progress, base=base,
-                    callbacks=callbacks, select=select, **options)
+                    callbacks=callbacks, select=select, also=also, **options)
 
 
 def _fit(store_a: StoreLike, store_b: StoreLike, *, method: str, out: str | Path,
@@ -157,7 +170,7 @@ def _fit(store_a: StoreLike, store_b: StoreLike, *, method: str, out: str | Path
          resume: bool = False, device: str | torch.device | None = None,
          progress: bool = True, base: dict | None = None, callbacks: Callbacks | None = None,
          overwrite: bool = False, manifest: ManifestArg = None, allow_partial: bool = False,
-         select: SelectArg = None) -> FitSummary:
+         select: SelectArg = None, also: AlsoArg = ()) -> FitSummary:
     """`fit` under the run folder's lock; `base` is the saved config a resume starts from.
 
     A finished run with the same config and stores is returned as it is; an unfinished one
@@ -170,7 +183,11 @@ def _fit(store_a: StoreLike, store_b: StoreLike, *, method: str, out: str | Path
     cfg = resolve_config(method, config, overrides, base=base)
     out = Path(out)
     identity = run_identity(method, cfg, a, b, out)
-    selections = open_selections(select, manifest)
+    sources = open_sources(a, b, manifest, also, allow_partial)
+    if len(sources) > 1:  # more training pairs are part of what the run is
+        identity["also"] = [{"a": store_identity(s.a, out), "b": store_identity(s.b, out)}
+                            for s in sources[1:]]
+    selections = open_selections(select, sources)
     if selections:  # part of what the run is (by content, wherever the files lie)
         identity["select"] = [{"sha256": r["sha256"], "rows": r["rows"]}
                               for r in map(selection_record, selections)]
@@ -196,7 +213,7 @@ def _fit(store_a: StoreLike, store_b: StoreLike, *, method: str, out: str | Path
     try:
         with os_errors(out):  # a full disk or read-only folder is one line naming the path
             return _run(a, b, manifest, method, cfg, out, state, device, progress, started,
-                        callbacks or Callbacks(), selections)
+                        callbacks or Callbacks(), sources)
     except AlignpipeError as err:
         # A run refused (or diverged) before its first good checkpoint leaves nothing behind to
         # "resume", not even heads: a leftover file would make the folder "not a run".
@@ -212,7 +229,7 @@ def _fit(store_a: StoreLike, store_b: StoreLike, *, method: str, out: str | Path
 def _run(a: LatentStore, b: LatentStore, manifest: Manifest, method: str, cfg: dict,
          out: Path, state: str, device: str | torch.device | None, progress: bool,
          started: float, callbacks: Callbacks,
-         selections: list[Selection] | None = None) -> FitSummary:
+         sources: list[TrainSource] | None = None) -> FitSummary:
     dev = resolve_device(device)
     log = RunLog(out / LOG, echo=progress)
     log(f"fit {method}: {a.modality} {a.path} (dim {a.dim}) ↔ {b.modality} {b.path} "
@@ -225,7 +242,9 @@ def _run(a: LatentStore, b: LatentStore, manifest: Manifest, method: str, cfg: d
         log("resuming a run whose loss diverged" + (": " + ", ".join(
             f"{k} {v[0]} → {v[1]}" for k, v in changes.items()) if changes else ""))
     torch.manual_seed(cfg["seed"])
-    train, val, dropped = _load_splits(a, b, manifest, cfg, dev, log, selections)
+    sources = sources or [TrainSource(a, b, manifest)]
+    selections = [s for source in sources for s in source.selections]
+    train, val, dropped = _load_splits(sources, cfg, dev, log)
     model = create_method(method, cfg, a.dim, b.dim).to(dev)
     names = (a.modality, b.modality)
     warnings = _validation_warnings(len(val), model.trained)
@@ -287,8 +306,39 @@ def _validation_warnings(val_pairs: int, trained: bool) -> list[str]:
     return []
 
 
-def open_selections(select: SelectArg, manifest: Manifest) -> list[Selection]:
-    """The selections to train on, each refused unless it names rows of `manifest`."""
+@dataclass
+class TrainSource:
+    """One pair of stores that training rows come from, with the selections of its manifest."""
+
+    a: LatentStore
+    b: LatentStore
+    manifest: Manifest
+    selections: list[Selection] = field(default_factory=list)
+
+
+def open_sources(a: LatentStore, b: LatentStore, manifest: Manifest, also: AlsoArg,
+                 allow_partial: bool = False) -> list[TrainSource]:
+    """The run's pair, then each `also` pair: stores of another manifest, embedded with the same
+    encoders (each side's identity checked against the first pair's)."""
+    sources = [TrainSource(a, b, manifest)]
+    for extra_a, extra_b in also or ():
+        a2, b2, m2 = open_pair(extra_a, extra_b, allow_partial=allow_partial)
+        if (a2.modality, b2.modality) != (a.modality, b.modality):
+            raise AlignpipeError(f"--also {a2.path} {b2.path}: holds {a2.modality}–"
+                                 f"{b2.modality} latents, the run aligns {a.modality}–"
+                                 f"{b.modality} (give the stores in the same order)")
+        check_encoder(a2, encoder_identity(a), "a")
+        check_encoder(b2, encoder_identity(b), "b")
+        if any(s.manifest.sha256 == m2.sha256 for s in sources):
+            raise AlignpipeError(f"--also {a2.path} {b2.path}: stores of a manifest the run "
+                                 f"already trains on ({m2.path}); give each manifest once")
+        sources.append(TrainSource(a2, b2, m2))
+    return sources
+
+
+def open_selections(select: SelectArg, sources: list[TrainSource]) -> list[Selection]:
+    """The selections to train on, each given to the pair whose manifest it names (refused,
+    naming the file, when it names none of them)."""
     if select is None:
         return []
     from alignpipe.curate.selection import check_selection, read_selection
@@ -296,28 +346,64 @@ def open_selections(select: SelectArg, manifest: Manifest) -> list[Selection]:
     items = [select] if isinstance(select, (str, Path)) else list(select)
     selections = [read_selection(item) for item in items]
     for selection in selections:
-        check_selection(selection, manifest)
+        source = next((s for s in sources if s.manifest.sha256 == selection.manifest_sha256),
+                      sources[0])  # none matches: checked against the run's own, which refuses
+        check_selection(selection, source.manifest)
+        source.selections.append(selection)
     return selections
 
 
-def _load_splits(a: LatentStore, b: LatentStore, manifest: Manifest, cfg: dict,
-                 device: torch.device, log: RunLog, selections: list[Selection] | None = None,
-                 ) -> tuple[Pairs, Pairs, dict[str, int]]:
-    train_rows, val_rows, how = train_val_rows(manifest, cfg["val_fraction"])
-    log(how)
-    if selections:  # train on the selected rows of the train split only; val as always
-        import numpy as np
-
-        chosen = np.unique(np.concatenate([s.rows for s in selections]))
+def _source_rows(source: TrainSource, cfg: dict, log: RunLog,
+                 first: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A pair's train rows (its selected ones, when selections name its manifest) and val rows
+    (the first pair's only: the others only add training rows)."""
+    train_rows, val_rows, how = train_val_rows(source.manifest, cfg["val_fraction"])
+    log(how if first else f"{source.manifest.path}: {train_rows.size} more training rows")
+    if source.selections:  # the selected rows of the train split only; val as always
+        chosen = np.unique(np.concatenate([s.rows for s in source.selections]))
         before = train_rows.size
         train_rows = np.intersect1d(train_rows, chosen)
-        log(f"selection {', '.join(str(s.path) for s in selections)}: {chosen.size} rows "
-            f"selected, {train_rows.size} of {before} training rows kept (selected rows of "
-            f"other splits are not trained on)")
+        log(f"selection {', '.join(str(s.path) for s in source.selections)}: {chosen.size} "
+            f"rows selected, {train_rows.size} of {before} training rows kept (selected rows "
+            f"of other splits are not trained on)")
+    return train_rows, val_rows if first else val_rows[:0]
+
+
+def _concat(parts: list[Pairs], offsets: list[int]) -> Pairs:
+    """Training pairs of several manifests as one; rows and items are numbered apart."""
+    if len(parts) == 1:
+        return parts[0]
+    items_a, items_b, base_a, base_b = [], [], 0, 0
+    for part in parts:
+        items_a.append(part.items_a + base_a)
+        items_b.append(part.items_b + base_b)
+        base_a += int(part.items_a.max()) + 1 if len(part) else 0
+        base_b += int(part.items_b.max()) + 1 if len(part) else 0
+    return Pairs(a=torch.cat([p.a for p in parts]), b=torch.cat([p.b for p in parts]),
+                 rows=np.concatenate([p.rows + o for p, o in zip(parts, offsets, strict=True)]),
+                 items_a=np.concatenate(items_a), items_b=np.concatenate(items_b))
+
+
+def _load_splits(sources: list[TrainSource], cfg: dict, device: torch.device,
+                 log: RunLog) -> tuple[Pairs, Pairs, dict[str, int]]:
+    a, b, manifest = sources[0].a, sources[0].b, sources[0].manifest
     dtype = storage_dtype(device, cfg.get("storage_dtype", "auto"))
-    train, lost_train = load_pairs(a, b, manifest, train_rows, device, dtype)
+    trains, offsets, offset = [], [], 0
+    lost_train, wanted = [0, 0], 0
+    for i, source in enumerate(sources):
+        train_rows, rows_val = _source_rows(source, cfg, log, first=i == 0)
+        if i == 0:
+            val_rows = rows_val
+        part, lost = load_pairs(source.a, source.b, source.manifest, train_rows, device, dtype)
+        trains.append(part)
+        offsets.append(offset)
+        offset += source.manifest.rows
+        wanted += train_rows.size
+        lost_train = [lost_train[0] + lost[0], lost_train[1] + lost[1]]
+    train = _concat(trains, offsets)
+    dtype = storage_dtype(device, cfg.get("storage_dtype", "auto"))
     val, lost_val = load_pairs(a, b, manifest, val_rows, device, dtype)
-    dropped = {"train": train_rows.size - len(train), "val": val_rows.size - len(val),
+    dropped = {"train": wanted - len(train), "val": val_rows.size - len(val),
                "invalid_in_a": lost_train[0] + lost_val[0],
                "invalid_in_b": lost_train[1] + lost_val[1]}
     if dropped["train"] or dropped["val"]:

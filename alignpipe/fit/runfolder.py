@@ -131,10 +131,15 @@ def run_identity(method: str, config: dict, a: LatentStore, b: LatentStore,
 
 
 def _what(identity: dict) -> dict:
-    """`identity` without where its stores lie."""
-    return {**identity, "stores": {side: {k: v for k, v in record.items()
-                                          if k not in LOCATION_KEYS}
-                                   for side, record in identity["stores"].items()}}
+    """`identity` without where its stores (and those of its `also` pairs) lie."""
+    def unplaced(stores: dict) -> dict:
+        return {side: {k: v for k, v in record.items() if k not in LOCATION_KEYS}
+                for side, record in stores.items()}
+
+    what = {**identity, "stores": unplaced(identity["stores"])}
+    if identity.get("also"):
+        what["also"] = [unplaced(pair) for pair in identity["also"]]
+    return what
 
 
 def _comparable(old: dict, new: dict) -> tuple[dict, dict]:
@@ -270,8 +275,11 @@ def read_identity(out: Path) -> dict | None:
                              f"config was expected, found a {type(data).__name__}")
     identity = {k: data.get(k) for k in ("method", "stores", "config")}
     _check_identity(identity, path)
-    if data.get("select"):  # a fit on curated rows (`fit --select`)
-        identity["select"] = data["select"]
+    for key in ("select", "also"):  # a fit on curated rows, on more pairs (`--select`, `--also`)
+        if data.get(key):
+            if not isinstance(data[key], list):
+                raise AlignpipeError(f"{path}: damaged run config: {key} must be a list")
+            identity[key] = data[key]
     return identity
 
 
@@ -320,13 +328,17 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def run_state(out: str | Path, store_a: StoreLike, store_b: StoreLike, *, method: str,
               config: str | Path | dict | None = None, overrides: dict | None = None,
-              select: str | Path | Iterable[str | Path] | None = None) -> str:
+              select: str | Path | Iterable[str | Path] | None = None,
+              also: Iterable[tuple[StoreLike, StoreLike]] = ()) -> str:
     """``missing``, ``complete``, ``incomplete`` (same run, killed) or ``different``."""
     old = read_identity(Path(out))
     if old is None:
         return "missing"
     a, b = as_store(store_a), as_store(store_b)
     identity = run_identity(method, resolve_config(method, config, overrides), a, b)
+    pairs = [(as_store(x), as_store(y)) for x, y in also or ()]
+    if pairs:  # more training pairs (fit's `also`) are part of what the run is
+        identity["also"] = [{"a": store_identity(x), "b": store_identity(y)} for x, y in pairs]
     if select:  # a fit on selections is that fit only with the same selections
         from alignpipe.curate.selection import selection_identity
 

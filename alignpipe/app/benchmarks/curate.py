@@ -3,8 +3,9 @@
 The reference is what a script does without alignpipe: read the whole pool, one full
 pool × concepts similarity matrix in numpy, an argsort per concept, take the top N. alignpipe's
 `curate` reads the pool store shard by shard and keeps a running top-N per concept (memory
-concepts × N). Both run on the same pool store, each in a fresh process, and must give the
-same selection; each is timed on its second run (the first warms up imports and kernels). Peak
+concepts × N). Both run on the same pool store, each in a fresh process, and should give the
+same selection (the rows in only one of them are counted); each is timed on its second run
+(the first warms up imports and kernels). Peak
 memory is the resident set (sampled every 2 ms) above what the process held before that run;
 alignpipe's is also shown at a quarter of the pool, to show it does not grow with the pool.
 Memory the allocator kept from the warm-up run is not counted again, so both peaks are lower
@@ -139,7 +140,9 @@ def run_curate_bench(rows: int = 200_000, concepts: int = 1000, dim: int = 256,
                                         folder / "ours.npy")
         ref, ref_s, ref_peak = measure("brute", pool, concept_store, per_concept, device,
                                        folder / "brute.npy")
-    same = bool(np.array_equal(np.sort(mine), ref))
+    # float32 sums in another order (torch per block vs one numpy matmul) can swap two rows
+    # whose scores tie to ~1e-7 at a concept's N-th place: count them rather than hide them
+    differ = int(np.setxor1d(mine, ref).size)
     size = f"{rows:,} rows × {concepts:,} concepts, dim {dim}, N {per_concept}"
     return [
         {"name": f"curate ({size})", "value": rows / our_s, "unit": "rows/s"},
@@ -152,7 +155,8 @@ def run_curate_bench(rows: int = 200_000, concepts: int = 1000, dim: int = 256,
         {"name": "brute-force peak memory", "value": ref_peak / 2**20, "unit": "MiB"},
         {"name": "brute-force / curate memory", "value": ref_peak / max(our_peak, 1),
          "unit": "×"},
-        {"name": "same selection", "value": "yes" if same else "NO", "unit": ""},
+        {"name": f"rows in only one of the two selections (of {ref.size:,})",
+         "value": differ, "unit": "rows"},
     ]
 
 

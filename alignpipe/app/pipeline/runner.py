@@ -67,7 +67,7 @@ SECTIONS = ("name", "cache", "runs", "inputs", "data", "embed", "curate", "fit",
             "similarity", "reference", "device")
 EMBED_OPTIONS = ("column", "weights", "image_size", "pooling", "dtype", "latent_dtype",
                  "batch_size", "workers", "unit_rows", "device", "max_failure_rate", "dataset")
-FIT_OPTIONS = ("method", "a", "b", "config", "set", "select")
+FIT_OPTIONS = ("method", "a", "b", "config", "set", "select", "also")
 SIMILARITY_OPTIONS = ("stores", "sample", "k", "seed")
 REFERENCE_OPTIONS = ("eval", "metric", "value", "source")
 
@@ -135,7 +135,7 @@ _STEP_SCHEMA = {
     "data": {"manifest": None, "make": {_ANY: None}},
     "embed": {key: None for key in ("data", "encoder", *EMBED_OPTIONS)},
     "fit": {"method": None, "a": None, "b": None, "config": {_ANY: None},
-            "set": {_ANY: {_ANY: None}}, "select": None},
+            "set": {_ANY: {_ANY: None}}, "select": None, "also": None},
     "curate": {_ANY: None},  # options checked by pipeline/curate_step.py
 }
 _LIST_SCHEMA = {  # each list section's keys; eval's come from the evaluator registry
@@ -347,6 +347,15 @@ def _fit_step_problems(sid: str, step: dict, plan: dict) -> list[str]:
     for side in ("a", "b"):
         if step.get(side) not in plan["embed"]:
             references.append(f"{where}: {side} {step.get(side)!r} is not an embed step")
+    also = step.get("also") or []
+    if not isinstance(also, list) or not all(isinstance(p, dict) and set(p) == {"a", "b"}
+                                             for p in also):
+        problems.append(f"{where}: also is a list of {{a: EMBED_ID, b: EMBED_ID}} pairs "
+                        f"(more training stores of other manifests), got {also!r}")
+    else:
+        references += [f"{where}: also {side} {pair[side]!r} is not an embed step"
+                       for pair in also for side in ("a", "b")
+                       if pair[side] not in plan["embed"]]
     method = step.get("method")
     names = fit_methods(step)
     if isinstance(method, list) and (not method or len(set(names)) != len(names)):
@@ -632,9 +641,13 @@ class Runner:
                 args = {"method": run.method, "config": run.config, "overrides": run.overrides}
                 if select:
                     args["select"] = select
+                if step.get("also"):  # more training pairs, of other manifests
+                    args["also"] = [(_store_of(self.plan, p["a"]), _store_of(self.plan, p["b"]))
+                                    for p in step["also"]]
                 # missing | complete | incomplete (killed: resume it) | different (spec changed)
+                stores = [a, b, *(s for pair in args.get("also", ()) for s in pair)]
                 state = (run_state(out, a, b, **args)
-                         if a.exists() and b.exists() and out.exists() else "missing")
+                         if all(s.exists() for s in stores) and out.exists() else "missing")
                 if state == "complete":
                     self.record("fit", run.folder, "cached", detail=f"{run.method} → {out}")
                     continue
