@@ -16,13 +16,19 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import typer
 
 from alignpipe.app.clikit import ThreadsOption, console, err_console, friendly, use_threads
 from alignpipe.util.errors import AlignpipeError
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from alignpipe.curate import Curation
+    from alignpipe.data.manifest import Manifest
 
 EXAMPLES = 3  # captions shown per concept in the report
 
@@ -41,7 +47,7 @@ def coverage_gaps(names: list[str], counts: np.ndarray, min_rows: int) -> list[t
     return [(n, int(c)) for n, c in zip(names, counts, strict=True) if c < min_rows]
 
 
-def _examples(curation, manifest, per: int = EXAMPLES) -> dict[str, list[str]]:
+def _examples(curation: Curation, manifest: Manifest, per: int = EXAMPLES) -> dict[str, list[str]]:
     sel = curation.selection
     column = "text" if manifest.has("text") else None
     if column is None:
@@ -83,7 +89,8 @@ def plot_scores(path: Path, kept: np.ndarray, pool: np.ndarray) -> None:
     _save_png(fig, plt, path)
 
 
-def write_report(curation, out: Path, manifest, min_rows: int) -> dict[str, Path]:
+def write_report(curation: Curation, out: Path, manifest: Manifest,
+                 min_rows: int) -> dict[str, Path]:
     """The markdown summary and both PNGs beside the selection."""
     from alignpipe.app.render import markdown_table
     from alignpipe.util.fsutil import atomic_write_text
@@ -125,7 +132,7 @@ def write_report(curation, out: Path, manifest, min_rows: int) -> dict[str, Path
     return paths
 
 
-def summary_table(curation, out: Path, min_rows: int):
+def summary_table(curation: Curation, out: Path, min_rows: int) -> Table:
     from rich.table import Table
 
     sel, names = curation.selection, curation.concepts.names
@@ -151,7 +158,7 @@ def run_curate(pool: Path, concepts: list[Path], out: Path, *, per_concept: int,
                dedupe_store: Path | None = None, dedupe_threshold: float = 0.95,
                device: str | None = None, cluster: str | None = None,
                scheduler: str | None = None, min_rows: int | None = None,
-               progress: bool = True):
+               progress: bool = True) -> Curation:
     """Curate, write the selection and its report; what `alignpipe curate` and the pipeline's
     `curate:` step run. Returns the `Curation`."""
     from alignpipe.curate import curate, write_selection

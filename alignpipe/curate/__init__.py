@@ -19,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,6 +40,16 @@ from alignpipe.data.pairing import check_same_manifest, read_rows, stage_two_sto
 from alignpipe.data.store import LatentStore, open_store
 from alignpipe.util.errors import AlignpipeError
 from alignpipe.util.fsutil import atomic_write_bytes, atomic_write_json
+
+if TYPE_CHECKING:
+    import torch
+    from distributed import Client
+
+    from alignpipe.data.manifest import Manifest
+    from alignpipe.data.pairing import ManifestArg
+
+    StoreLike = str | Path | LatentStore
+    DeviceArg = torch.device | str | None
 
 __all__ = ["Concepts", "CurateSpec", "Selection", "SelectionError", "check_selection",
            "random_selection", "train_rows_of",
@@ -168,8 +179,8 @@ def spec_digest(spec: dict) -> str:
 
 
 # ---- the job --------------------------------------------------------------------------------
-def _open_inputs(spec: CurateSpec, manifest=None) -> tuple[LatentStore, LatentStore | None,
-                                                           Concepts]:
+def _open_inputs(spec: CurateSpec, manifest: ManifestArg = None
+                 ) -> tuple[LatentStore, LatentStore | None, Concepts]:
     """Open and check every input before any scoring (each mistake one line naming the file)."""
     spec.check()
     pool = stage_two_store(spec.pool)
@@ -181,11 +192,13 @@ def _open_inputs(spec: CurateSpec, manifest=None) -> tuple[LatentStore, LatentSt
     return pool, dedupe, concepts
 
 
-def curate(pool, concepts, *, per_concept: int = DEFAULT_PER_CONCEPT,
-           threshold: float | None = None, balance_cap: int | None = None,
-           dedupe_store=None, dedupe_threshold: float = DEFAULT_DEDUPE, device=None,
+def curate(pool: StoreLike, concepts: StoreLike | Iterable[StoreLike], *,
+           per_concept: int = DEFAULT_PER_CONCEPT, threshold: float | None = None,
+           balance_cap: int | None = None, dedupe_store: StoreLike | None = None,
+           dedupe_threshold: float = DEFAULT_DEDUPE, device: DeviceArg = None,
            parts: str | Path | None = None, cluster: str | None = None,
-           scheduler: str | None = None, client=None, manifest=None,
+           scheduler: str | None = None, client: Client | None = None,
+           manifest: ManifestArg = None,
            on_shard: Callable[[int], None] | None = None,
            on_start: Callable[[int, int], None] | None = None) -> Curation:
     """Select pool rows for the concepts of `concepts` (see the module docstring).
@@ -232,7 +245,7 @@ def curate(pool, concepts, *, per_concept: int = DEFAULT_PER_CONCEPT,
     return _finish(spec, top, found, pool_store, pool_manifest, dedupe, device, skipped)
 
 
-def column_at(manifest, name: str, rows: np.ndarray) -> list:
+def column_at(manifest: Manifest, name: str, rows: np.ndarray) -> list:
     """Cells of `rows` only (a 400M-row pool's whole id column would not fit as Python str)."""
     import pyarrow as pa
 
@@ -240,12 +253,13 @@ def column_at(manifest, name: str, rows: np.ndarray) -> list:
                                             ).to_pylist()
 
 
-def _path(store) -> Path:
+def _path(store: StoreLike) -> Path:
     return store.path if isinstance(store, LatentStore) else Path(store)
 
 
-def _finish(spec: CurateSpec, top: TopN, found: Concepts, pool: LatentStore, manifest,
-            dedupe: LatentStore | None, device, skipped: int) -> Curation:
+def _finish(spec: CurateSpec, top: TopN, found: Concepts, pool: LatentStore,
+            manifest: Manifest, dedupe: LatentStore | None, device: DeviceArg,
+            skipped: int) -> Curation:
     from alignpipe.util.devices import resolve_device
 
     rows, concept, scores = union(top)
@@ -274,7 +288,7 @@ def _finish(spec: CurateSpec, top: TopN, found: Concepts, pool: LatentStore, man
                     removed)
 
 
-def _pool_score_sample(pool: LatentStore, found: Concepts, device,
+def _pool_score_sample(pool: LatentStore, found: Concepts, device: DeviceArg,
                        sample: int = 20_000) -> np.ndarray:
     """Best-concept scores of an evenly spaced sample of valid pool rows (for the report)."""
     import torch
@@ -296,14 +310,14 @@ def _pool_score_sample(pool: LatentStore, found: Concepts, device,
     return np.concatenate(best)
 
 
-def check_encoders(pool: LatentStore, concept_stores) -> None:
+def check_encoders(pool: LatentStore, concept_stores: Iterable[StoreLike]) -> None:
     """Refuse concept stores of another encoder than the pool's (before any work)."""
     for store in concept_stores:
         check_same_encoder(stage_two_store(store), pool, "concept")
 
 
-def random_selection(pool, rows: int, *, seed: int = 0, split: str | None = "train",
-                     manifest=None) -> Selection:
+def random_selection(pool: StoreLike, rows: int, *, seed: int = 0,
+                     split: str | None = "train", manifest: ManifestArg = None) -> Selection:
     """`rows` pool rows drawn uniformly (seeded) among the valid rows of `split`: the baseline a
     curated selection of the same budget is compared with."""
     from alignpipe.data.pairing import split_rows, store_manifest, usable
@@ -326,7 +340,7 @@ def random_selection(pool, rows: int, *, seed: int = 0, split: str | None = "tra
                      meta)
 
 
-def train_rows_of(selection: Selection, manifest) -> int:
+def train_rows_of(selection: Selection, manifest: Manifest) -> int:
     """How many of a selection's rows are in the manifest's train split (what fit trains on)."""
     from alignpipe.data.pairing import split_rows
 

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from alignpipe.curate.topk import TopN, merge
 from alignpipe.embed.cluster import TASK_RETRIES, ClusterError, connect
 
+if TYPE_CHECKING:
+    from distributed import Client
 
-def shard_task(job, unit: int) -> TopN:
+    from alignpipe.curate import ShardJob
+    from alignpipe.data.store import LatentStore
+
+
+def shard_task(job: ShardJob, unit: int) -> TopN:
     return job.run(unit)
 
 
@@ -22,9 +29,9 @@ def merge_task(a: TopN, b: TopN, n: int) -> TopN:
     return merge(a, b, n)
 
 
-def run_on_dask(job, units: list[int], *, cluster: str | None, scheduler: str | None,
-                on_shard: Callable[[int], None] | None = None, store=None,
-                client=None) -> TopN:
+def run_on_dask(job: ShardJob, units: list[int], *, cluster: str | None,
+                scheduler: str | None, on_shard: Callable[[int], None] | None = None,
+                store: LatentStore | None = None, client: Client | None = None) -> TopN:
     """The per-shard tasks and their tree reduction; `client` reuses a connected dask Client."""
     if client is not None:
         return _run(client, job, units, on_shard, store, False)
@@ -32,7 +39,9 @@ def run_on_dask(job, units: list[int], *, cluster: str | None, scheduler: str | 
         return _run(connected, job, units, on_shard, store, gpu)
 
 
-def _run(client, job, units, on_shard, store, gpu) -> TopN:
+def _run(client: Client, job: ShardJob, units: list[int],
+         on_shard: Callable[[int], None] | None, store: LatentStore | None,
+         gpu: bool) -> TopN:
     from distributed import as_completed
 
     resources = {"GPU": 1} if gpu else None

@@ -9,6 +9,7 @@ skipped; a class left with no valid row is no concept.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +22,12 @@ from alignpipe.data.pairing import (
 )
 from alignpipe.data.store import LatentStore
 from alignpipe.util.errors import StoreError, format_rows
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from pathlib import Path
+
+    from alignpipe.data.pairing import ManifestArg
 
 
 @dataclass
@@ -53,7 +60,8 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def store_concepts(store: LatentStore, manifest=None) -> tuple[list[str], list[str], np.ndarray]:
+def store_concepts(store: LatentStore, manifest: ManifestArg = None
+                   ) -> tuple[list[str], list[str], np.ndarray]:
     """Class keys, display labels and unit mean vectors of one concept store."""
     manifest = store_manifest(store, manifest)
     key_column = "class_id" if manifest.has("class_id") else "label" if manifest.has("label") \
@@ -83,7 +91,8 @@ def store_concepts(store: LatentStore, manifest=None) -> tuple[list[str], list[s
     return names, [str(first_label[n]) for n in names], normalise(sums)
 
 
-def load_concepts(stores, pool: LatentStore, manifest=None) -> Concepts:
+def load_concepts(stores: Iterable[str | Path | LatentStore], pool: LatentStore,
+                  manifest: ManifestArg = None) -> Concepts:
     """Concepts of every store in `stores`, each checked against the pool store's encoder.
 
     A key present in several concept sets is kept apart (``key@dataset``): freeze-align draws

@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,11 @@ import pyarrow.parquet as pq
 
 from alignpipe.util.errors import AlignpipeError
 from alignpipe.util.fsutil import atomic_path
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from alignpipe.data.manifest import Manifest
 
 META_KEY = b"alignpipe"
 COLUMNS = ("row", "id", "concept", "score", "rule")
@@ -98,7 +104,7 @@ def read_selection(path: str | Path) -> Selection:
                      table["rule"].to_pylist(), meta, path)
 
 
-def check_selection(selection: Selection, manifest) -> None:
+def check_selection(selection: Selection, manifest: Manifest) -> None:
     """Refuse a selection of another manifest (sha256), or whose rows no longer match its ids."""
     if selection.manifest_sha256 != manifest.sha256:
         raise SelectionError(
@@ -120,7 +126,7 @@ def selection_record(selection: Selection) -> dict:
             "rows": len(selection)}
 
 
-def selection_identity(paths) -> list[dict]:
+def selection_identity(paths: str | Path | Iterable[str | Path]) -> list[dict]:
     """What a fit on these selection files is, by content (sha256 and rows), wherever they lie."""
     items = [paths] if isinstance(paths, (str, Path)) else list(paths)
     return [{"sha256": r["sha256"], "rows": r["rows"]}

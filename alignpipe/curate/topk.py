@@ -9,9 +9,13 @@ same result. Memory is concepts × n, never pool × concepts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from alignpipe.data.store import LatentStore
 
 NO_SCORE = float("-inf")
 # Pool rows scored against every concept in one matmul (bounds the concepts × rows matrix).
@@ -73,8 +77,9 @@ def block_topn(concepts: torch.Tensor, latents: torch.Tensor, first_row: int, va
     return top, rows
 
 
-def range_topn(store, start: int, stop: int, concepts: np.ndarray, valid: np.ndarray, n: int,
-               threshold: float | None, device: torch.device) -> TopN:
+def range_topn(store: LatentStore, start: int, stop: int, concepts: np.ndarray,
+               valid: np.ndarray, n: int, threshold: float | None,
+               device: torch.device) -> TopN:
     """Top-`n` per concept over pool rows [start, stop), read a block of chunks at a time."""
     c = torch.from_numpy(np.ascontiguousarray(concepts, dtype=np.float32)).to(device)
     best_s = torch.zeros((c.shape[0], 0), device=device)

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from alignpipe.model.aligned import (
     AlignedModel,
     Encodings,
@@ -18,11 +20,18 @@ from alignpipe.model.aligned import (
 from alignpipe.model.inputs import InputError
 from alignpipe.model.load import load_model
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    # What `__getattr__` loads on first use, for type checkers (never imported here at run time).
+    from alignpipe.model.export import export_model, push_to_hub
+    from alignpipe.model.search import search_store
+
 __all__ = ["AlignedModel", "Encodings", "InputError", "ModelError", "Prediction",
            "ZeroShotClassifier", "export_model", "load_model", "push_to_hub", "search_store"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Callable[..., object]:
     if name in ("export_model", "push_to_hub"):
         from alignpipe.model import export
 

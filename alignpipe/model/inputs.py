@@ -9,13 +9,45 @@ the same adapter one step later (``prepare_image``, ``prepare_wave``), after the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from alignpipe.data.manifest import is_blank_text
 from alignpipe.data.media import MediaError, MediaRef, centre_crop, mono_at_rate, resolve_ref
 from alignpipe.util.errors import AlignpipeError
+
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    import torch
+    from PIL import Image
+
+    from alignpipe.encoders.base import Encoder
+
+    class ImageAdapter(Encoder, Protocol):
+        """An image encoder adapter: `prepare` decodes a file, `prepare_image` a PIL image."""
+
+        def prepare(self, value: MediaRef) -> np.ndarray | torch.Tensor: ...
+
+        def prepare_image(self, image: Image.Image) -> np.ndarray | torch.Tensor: ...
+
+    class AudioAdapter(Encoder, Protocol):
+        """An audio encoder adapter: `prepare` decodes a file, `prepare_wave` a mono waveform
+        at `sample_rate`, already cropped to `max_samples`."""
+
+        sample_rate: int
+        max_samples: int | None
+
+        def prepare(self, value: MediaRef) -> np.ndarray | tuple[np.ndarray, int]: ...
+
+        def prepare_wave(self, wave: np.ndarray) -> np.ndarray | tuple[np.ndarray, int]: ...
+
+    class TextAdapter(Encoder, Protocol):
+        def prepare(self, value: str | None) -> str: ...
+
+    # One prepared item: what an adapter's `collate` stacks.
+    Prepared = np.ndarray | torch.Tensor | tuple[np.ndarray, int] | str
 
 
 class InputError(AlignpipeError):
@@ -37,7 +69,7 @@ def _as_ref(value: str | Path) -> MediaRef:
     return resolve_ref(str(value), Path.cwd())
 
 
-def _pil_from_array(value: np.ndarray):
+def _pil_from_array(value: np.ndarray) -> Image.Image:
     from PIL import Image
 
     array = np.asarray(value)
@@ -57,7 +89,7 @@ def _pil_from_array(value: np.ndarray):
     return Image.fromarray(array).convert("RGB")
 
 
-def prepare_image(encoder, value: Any):
+def prepare_image(encoder: ImageAdapter, value: Any) -> np.ndarray | torch.Tensor:
     """A path, PIL image or array -> the image adapter's prepared item."""
     from PIL import Image
 
@@ -73,7 +105,8 @@ def prepare_image(encoder, value: Any):
                      f"{type(value).__name__}")
 
 
-def prepare_audio(encoder, value: Any, sample_rate: int | None):
+def prepare_audio(encoder: AudioAdapter, value: Any,
+                  sample_rate: int | None) -> np.ndarray | tuple[np.ndarray, int]:
     """A path, ``(waveform, rate)`` or a waveform (with `sample_rate`) -> the audio adapter's
     prepared item: mono, resampled with soxr and centre-cropped as stage one does."""
     if isinstance(value, (str, Path)):
@@ -100,7 +133,7 @@ def prepare_audio(encoder, value: Any, sample_rate: int | None):
     return encoder.prepare_wave(centre_crop(mono, encoder.max_samples))
 
 
-def prepare_text(encoder, value: Any):
+def prepare_text(encoder: TextAdapter, value: Any) -> str:
     if not isinstance(value, str):
         raise MediaError(f"a text input is a string, not {type(value).__name__}")
     if is_blank_text(value):
@@ -108,7 +141,8 @@ def prepare_text(encoder, value: Any):
     return encoder.prepare(value)
 
 
-def prepare(encoder, modality: str, value: Any, sample_rate: int | None = None):
+def prepare(encoder: Encoder, modality: str, value: Any,
+            sample_rate: int | None = None) -> Prepared:
     """One raw input -> the adapter's prepared item; MediaError when it cannot be used."""
     if modality == "image":
         return prepare_image(encoder, value)

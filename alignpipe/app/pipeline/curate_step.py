@@ -20,7 +20,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from alignpipe.app.pipeline.runner import Runner
+
+    # (plan, embed id) -> the folder of that embed step's store (runner.py's `_store_of`)
+    StoreOf = Callable[[dict, str], Path]
 
 CURATE_OPTIONS = ("pool", "concepts", "per_concept", "threshold", "balance", "dedupe",
                   "dedupe_threshold", "min_rows", "random", "seed")
@@ -91,7 +99,7 @@ def curate_problems(plan: dict) -> list[str]:
     return problems
 
 
-def _spec(plan: dict, sid: str, store_of) -> dict[str, Any]:
+def _spec(plan: dict, sid: str, store_of: StoreOf) -> dict[str, Any]:
     """What decides the selection: the options and what each input store is."""
     from alignpipe.data.store import open_store
 
@@ -117,7 +125,7 @@ def _spec(plan: dict, sid: str, store_of) -> dict[str, Any]:
     return spec
 
 
-def run_curate_steps(runner, store_of) -> None:
+def run_curate_steps(runner: Runner, store_of: StoreOf) -> None:
     """Make every selection the plan names (curated steps first, then random baselines)."""
     plan = runner.plan
     steps = plan.get("curate") or {}
@@ -141,7 +149,8 @@ def run_curate_steps(runner, store_of) -> None:
         runner.record("curate", sid, "ran", seconds, f"{rows} rows → {out}")
 
 
-def _make(plan: dict, sid: str, step: dict, out: Path, store_of, progress: bool) -> int:
+def _make(plan: dict, sid: str, step: dict, out: Path, store_of: StoreOf,
+          progress: bool) -> int:
     from alignpipe.app.curate import run_curate
     from alignpipe.curate import random_selection, read_selection, train_rows_of, write_selection
 
