@@ -73,7 +73,7 @@ def parse_classes(spec: str) -> list[str]:
     return names
 
 
-def _prediction_rows(predictions) -> list[dict]:
+def _prediction_rows(predictions: list) -> list[dict]:
     rows = []
     for p in predictions:
         row = {"input": p.input, "error": p.error}
@@ -83,7 +83,7 @@ def _prediction_rows(predictions) -> list[dict]:
     return rows
 
 
-def write_predictions(path: Path, predictions, k: int) -> None:
+def write_predictions(path: Path, predictions: list, k: int) -> None:
     from alignpipe.util.fsutil import atomic_write_bytes
 
     if path.suffix.lower() == ".json":
@@ -157,8 +157,8 @@ def predict(
         raise AlignpipeError(f"none of the {len(predictions)} inputs could be decoded")
 
 
-def _gallery(path: Path, run: Path, store, query_label: str, query_modality: str,
-             query_value: str, hits, modality: str) -> Path:
+def _gallery(path: Path, run: Path, store: Path, query_label: str, query_modality: str,
+             query_value: str, hits: list, modality: str) -> Path:
     from alignpipe.app.gallery import GalleryGroup, GalleryItem, write_gallery
 
     query = GalleryItem(id="query", modality=query_modality,
@@ -183,15 +183,25 @@ def search(
     output: Annotated[Path | None, typer.Option(help="Write the results as .json.")] = None,
     html: Annotated[Path | None, typer.Option(
         help="Write a self-contained HTML page of the results.")] = None,
+    index: Annotated[bool, typer.Option(
+        "--index", help="Search an approximate index (usearch HNSW; pip install "
+                        "'alignpipe[index]'), built on first use and kept beside the store "
+                        "until the store or the run changes.")] = False,
+    auto_index: Annotated[bool, typer.Option(
+        "--auto-index", help="Use the approximate index above 1,000,000 store rows (when "
+                             "usearch is installed), exact search below.")] = False,
     weights: WeightsOption = None,
     device: DeviceOption = None,
     threads: ThreadsOption = None,
 ) -> None:
-    """The top-k rows of a cached store for a text, image or audio query (exact search)."""
+    """The top-k rows of a cached store for a text, image or audio query (exact search, or an
+    approximate index with --index)."""
+    from rich.markup import escape
     from rich.table import Table
 
     from alignpipe.data.pairing import as_store
     from alignpipe.model import load_model
+    from alignpipe.model.index import IndexUnavailable
     from alignpipe.model.search import search_store
 
     use_threads(threads)
@@ -199,6 +209,8 @@ def search(
         raise AlignpipeError("give --query TEXT or --query-file FILE (one of them)")
     if output is not None and output.suffix.lower() != ".json":
         raise AlignpipeError(f"--output {output}: give a .json file")
+    if index and auto_index:
+        raise AlignpipeError("give --index or --auto-index, not both")
     model = load_model(run, device=device, weights=parse_weights(weights))
     opened = as_store(store)
     if query is not None:
@@ -209,7 +221,13 @@ def search(
         if query_modality == "text":
             raise AlignpipeError(f"--query-file is an image or audio file; the query side of "
                                  f"{opened.path} is text: use --query")
-    hits = search_store(model, opened, [value], query_modality=query_modality, k=k)[0]
+    try:
+        hits = search_store(model, opened, [value], query_modality=query_modality, k=k,
+                            index="auto" if auto_index else index, progress=True)[0]
+    except IndexUnavailable as err:  # printed as plain text: friendly's markup eats "[index]"
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False,
+                          soft_wrap=True)
+        raise typer.Exit(code=err.exit_code) from None
     label = value if query_modality == "text" else f"{query_modality} {value}"
     table = Table(title=f"{model.name}: top {len(hits)} of {opened.path} for {label!r}")
     for column in ("rank", "score", "id", "media", "text"):

@@ -14,7 +14,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,10 @@ from alignpipe.methods.space import Encoded, group_mean, num_rows, pairwise_scor
 from alignpipe.model.inputs import InputError, describe_input, prepare
 from alignpipe.util.constants import MODALITIES
 from alignpipe.util.errors import AlignpipeError
+
+if TYPE_CHECKING:
+    from alignpipe.encoders.base import Encoder
+    from alignpipe.methods.base import Method
 
 DEFAULT_TEMPERATURE = 0.01  # CLIP's logit scale of 100, when the method has none of its own
 CPU_BATCH = 32
@@ -95,7 +99,7 @@ def _check_same_weights(side: Side, described: dict) -> None:
                 f"(weights={{'{side.modality}': PATH}}, CLI: --weights {side.modality}=PATH)")
 
 
-def load_side_encoder(side: Side, device: torch.device):
+def load_side_encoder(side: Side, device: torch.device) -> Encoder:
     """The frozen encoder of `side`, rebuilt from its recorded spec and checked against it."""
     from alignpipe.encoders import EncoderError, load_encoder
 
@@ -166,8 +170,8 @@ class ZeroShotClassifier:
 class AlignedModel:
     """Two frozen encoders and the fitted method that maps both into one space."""
 
-    def __init__(self, method, sides: dict[str, Side], *, name: str, method_name: str,
-                 device: torch.device, info: dict | None = None):
+    def __init__(self, method: Method, sides: dict[str, Side], *, name: str, method_name: str,
+                 device: torch.device, info: dict | None = None) -> None:
         self.method, self.sides, self.device = method, sides, device
         self.name, self.method_name = name, method_name
         self.info = info or {}
@@ -188,7 +192,7 @@ class AlignedModel:
         known = " and ".join(self.modalities)
         raise InputError(f"this model reads {known}, not {modality}")
 
-    def encoder(self, modality: str):
+    def encoder(self, modality: str) -> Encoder:
         """The frozen encoder of `modality`, loaded (and its weights checked) on first use."""
         side = self.side(modality)
         if side.encoder is None:
@@ -220,7 +224,7 @@ class AlignedModel:
         ok: list[int] = []
         parts: list[np.ndarray] = []
 
-        def one(i: int):
+        def one(i: int) -> tuple[int, Any, str | None]:
             try:
                 return i, prepare(encoder, modality, items[i], sample_rate), None
             except MediaError as err:
@@ -242,7 +246,7 @@ class AlignedModel:
         store_dtype = np.float16 if self.side(modality).latent_dtype == "float16" else np.float32
         return latents.astype(store_dtype).astype(np.float32), ok, failures
 
-    def _forward(self, encoder, modality: str, prepared: dict[int, Any],
+    def _forward(self, encoder: Encoder, modality: str, prepared: dict[int, Any],
                  batch: int) -> np.ndarray:
         """Latents of prepared items, in input order, under inference mode and autocast."""
         from alignpipe.encoders.base import autocast

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from alignpipe.model.aligned import AlignedModel, ModelError, Side
+
+if TYPE_CHECKING:
+    from alignpipe.fit.runfolder import LoadedRun
 
 EXPORT_CONFIG = "alignpipe-model.json"
 EXPORT_HEADS = "heads.safetensors"
@@ -15,7 +19,7 @@ EXPORT_FORMAT = "alignpipe-model"
 EXPORT_VERSION = 1
 
 
-def _weights_by_modality(weights) -> dict[str, str | Path]:
+def _weights_by_modality(weights: str | Path | dict | None) -> dict[str, str | Path]:
     if weights is None:
         return {}
     if not isinstance(weights, dict):
@@ -37,7 +41,7 @@ def load_model(path: str | Path, *, device: str | None = None, weights: dict | N
                      f"({EXPORT_CONFIG})")
 
 
-def run_sides(run, identity: dict, weights: dict) -> dict[str, Side]:
+def run_sides(run: LoadedRun, identity: dict, weights: dict) -> dict[str, Side]:
     """Each side of a run with its store's full encoder record (the run keeps only what
     identifies the encoder; the store keeps how it was run)."""
     from alignpipe.fit.runfolder import locate_store
@@ -53,7 +57,8 @@ def run_sides(run, identity: dict, weights: dict) -> dict[str, Side]:
     return sides
 
 
-def _load_run(folder: Path, device, weights: dict, which: str) -> AlignedModel:
+def _load_run(folder: Path, device: str | torch.device | None, weights: dict,
+              which: str) -> AlignedModel:
     from alignpipe.data.pairing import resolve_device
     from alignpipe.fit import load_run
 
@@ -78,7 +83,7 @@ def read_export_config(folder: Path) -> dict:
     return config
 
 
-def _load_export(folder: Path, device, weights: dict) -> AlignedModel:
+def _load_export(folder: Path, device: str | torch.device | None, weights: dict) -> AlignedModel:
     from alignpipe.data.manifest import file_sha256
     from alignpipe.data.pairing import resolve_device
     from alignpipe.fit.config import resolve_config
