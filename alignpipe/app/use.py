@@ -276,7 +276,27 @@ def export(
         console.print(f"pushed to {push(folder, push_to_hub, private=private)}")
 
 
+def bench_search(
+    rows: Annotated[int, typer.Option(help="Store rows.")] = 200_000,
+    dim: Annotated[int, typer.Option(help="Latent dim.")] = 384,
+    out_dim: Annotated[int, typer.Option(help="The head's output dim.")] = 256,
+    queries: Annotated[int, typer.Option(help="Queries.")] = 200,
+    quick: Annotated[bool, typer.Option(help="A small store (20k rows), 50 queries.")] = False,
+    threads: ThreadsOption = None,
+) -> None:
+    """Exact search vs the approximate index: queries/s, build time and recall@10, in one
+    run."""
+    from alignpipe.app.benchmarks.search import run_search_bench
+    from alignpipe.app.report import bench_table
+
+    use_threads(threads)
+    console.print(bench_table([{"bench": "search", **row} for row in run_search_bench(
+        rows=rows, dim=dim, out_dim=out_dim, queries=queries, quick=quick)]))
+
+
 def register(app: typer.Typer) -> None:
     app.command()(friendly(predict))
     app.command()(friendly(search))
     app.command()(friendly(export))
+    bench = next(g.typer_instance for g in app.registered_groups if g.name == "bench")
+    bench.command("search")(friendly(bench_search))
